@@ -99,14 +99,28 @@ def _axis_factor(ax: AxisGeometry, side: str) -> np.ndarray:
     return evecs[:, keep] * np.sqrt(evals[keep])
 
 
-def _factors(
-    geom: ConvGeometry, side: str, like: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    a, b = geom.axes
-    return tuple(  # type: ignore[return-value]
-        torch.as_tensor(_axis_factor(ax, side), dtype=like.dtype, device=like.device)
-        for ax in (a, b)
-    )
+@lru_cache(maxsize=256)
+def _constants(
+    ax1: AxisGeometry, ax2: AxisGeometry, side: str, dtype: torch.dtype, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached tensors: the two axis factors ``V`` and ``kron(D1, D2)`` for ``||M||_F^2``."""
+    v1, v2 = (torch.as_tensor(_axis_factor(ax, side), dtype=dtype, device=device) for ax in (ax1, ax2))
+    d = np.kron(_axis_pair_sums(ax1)[1], _axis_pair_sums(ax2)[1])
+    return v1, v2, torch.as_tensor(d, dtype=dtype, device=device)
+
+
+class _Gram(torch.autograd.Function):
+    """``A @ A^T`` for a batch of matrices, with a single-GEMM backward ``(dT + dT^T) A``."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a)
+        return torch.matmul(a, a.transpose(-1, -2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        return torch.matmul(grad + grad.transpose(-1, -2), a)
 
 
 def _penalty_terms(weight: torch.Tensor, geom: ConvGeometry) -> Dict[str, torch.Tensor]:
@@ -114,30 +128,25 @@ def _penalty_terms(weight: torch.Tensor, geom: ConvGeometry) -> Dict[str, torch.
     h, gg, k1, k2 = weight.shape
     G = geom.groups
     hg = h // G
-    kw = weight.reshape(G, hg, gg, k1, k2)
     side = "out" if hg <= gg else "in"
-    c = hg if side == "out" else gg
-    # Rows (channel, p, q) of the cheaper side: T = A A^T is T[(c,p,q), (c',p',q')].
-    if side == "out":
-        rows = kw.permute(0, 1, 3, 4, 2).reshape(G, c * k1 * k2, gg)
+    v1, v2, dfull = _constants(geom.axes[0], geom.axes[1], side, weight.dtype, weight.device)
+    kw = weight.reshape(G, hg, gg, k1, k2)
+    if side == "out":  # rows (c, p, q) of the side with fewer channels; T = rows rows^T
+        rows = kw.permute(0, 1, 3, 4, 2)
     else:
-        rows = kw.permute(0, 2, 3, 4, 1).reshape(G, c * k1 * k2, hg)
-    t = torch.matmul(rows, rows.transpose(1, 2)).view(G, c, k1, k2, c, k1, k2)
-    v1, v2 = _factors(geom, side, weight)
-    v1 = v1.view(k1, k1, -1)
-    v2 = v2.view(k2, k2, -1)
-    # (G, c, c', q, q', u) then (G, c, c', u, v): two small contractions, N-independent.
-    z = torch.einsum("gapqbrs,pru->gabqsu", t, v1)
-    z = torch.einsum("gabqsu,qsv->gabuv", z, v2)
+        rows = kw.permute(0, 2, 3, 4, 1)
+    c = rows.shape[1]
+    t = _Gram.apply(rows.reshape(G, c * k1 * k2, -1))  # (G, c k1 k2, c k1 k2)
+    # (G, c, p, q, c', p', q') -> (G, c, c', q, q', p, p'), contract (p, p') with V1, then
+    # (q, q') with V2: two small GEMMs whose size does not depend on N.
+    t = t.view(G, c, k1, k2, c, k1, k2).permute(0, 1, 4, 3, 6, 2, 5).reshape(-1, k1 * k1)
+    z = torch.matmul(t, v1).view(G * c * c, k2 * k2, -1).transpose(1, 2)
+    z = torch.matmul(z, v2)  # (G c c', r1, r2)
     gram_sq = z.square().sum()
-
-    _, d1 = _axis_pair_sums(geom.axes[0])
-    _, d2 = _axis_pair_sums(geom.axes[1])
-    d1t = torch.as_tensor(d1, dtype=weight.dtype, device=weight.device)
-    d2t = torch.as_tensor(d2, dtype=weight.dtype, device=weight.device)
     # ||M||_F^2 = sum_{P,P'} <K_P, K_P'> tr(A_p A_p'^T) tr(B_q B_q'^T); off-diagonal terms of D
     # are non-zero only when circular padding makes two taps land on the same input.
-    fro_sq = torch.einsum("cdpq,cdrs,pr,qs->", weight, weight, d1t, d2t)
+    kmat = weight.reshape(-1, k1 * k2)
+    fro_sq = (torch.matmul(kmat, dfull) * kmat).sum()
     return {"gram_sq": gram_sq, "fro_sq": fro_sq}
 
 

@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._geometry import AxisGeometry, ConvGeometry, IntPair, Padding, check_finite, conv_geometry
 from .operator import DEFAULT_MAX_BYTES, conv_operator
@@ -102,25 +103,47 @@ def _axis_factor(ax: AxisGeometry, side: str) -> np.ndarray:
 @lru_cache(maxsize=256)
 def _constants(
     ax1: AxisGeometry, ax2: AxisGeometry, side: str, dtype: torch.dtype, device: torch.device
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cached tensors: the two axis factors ``V`` and ``kron(D1, D2)`` for ``||M||_F^2``."""
-    v1, v2 = (torch.as_tensor(_axis_factor(ax, side), dtype=dtype, device=device) for ax in (ax1, ax2))
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cached tensors: ``V1 (x) V2`` with rows ``(p, q, p', q')``, and ``kron(D1, D2)``."""
+    k1, k2 = ax1.kernel, ax2.kernel
+    v1 = _axis_factor(ax1, side).reshape(k1, k1, -1)
+    v2 = _axis_factor(ax2, side).reshape(k2, k2, -1)
+    v = np.einsum("abu,cdv->acbduv", v1, v2).reshape(k1 * k2 * k1 * k2, -1)
     d = np.kron(_axis_pair_sums(ax1)[1], _axis_pair_sums(ax2)[1])
-    return v1, v2, torch.as_tensor(d, dtype=dtype, device=device)
+    return (
+        torch.as_tensor(v, dtype=dtype, device=device),
+        torch.as_tensor(d, dtype=dtype, device=device),
+    )
 
 
-class _Gram(torch.autograd.Function):
-    """``A @ A^T`` for a batch of matrices, with a single-GEMM backward ``(dT + dT^T) A``."""
+class _GramSquaredNorm(torch.autograd.Function):
+    """``sum_w || sum_{P,P'} V[(P,P'), w] T_PP' ||_F^2`` with ``T = A A^T`` (Note [structure of M]).
+
+    ``A`` is ``(G, c k1 k2, n)`` with rows ordered ``(c, P)``, ``P = (p, q)``. Forward: one Gram
+    GEMM, one permutation of ``T`` to ``(c, c', P, P')``, one GEMM against ``V``. Backward mirrors it;
+    ``dS/dT`` is symmetric (``Q`` is invariant under swapping ``(p, p') -> (p', p)``), so
+    ``dA = 2 (dS/dT) A`` is a single GEMM.
+    """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(a)
-        return torch.matmul(a, a.transpose(-1, -2))
+    def forward(ctx, a, v, c, k1, k2):  # type: ignore[override]
+        G = a.shape[0]
+        t = torch.matmul(a, a.transpose(-1, -2))  # (G, c k1 k2, c k1 k2)
+        kk = k1 * k2
+        t = t.view(G, c, kk, c, kk).permute(0, 1, 3, 2, 4)
+        z = torch.matmul(t.reshape(G * c * c, kk * kk), v)  # (G c c', r1 r2)
+        ctx.save_for_backward(a, v, z)
+        ctx.shape = (G, c, kk)
+        return torch.dot(z.view(-1), z.view(-1))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (a,) = ctx.saved_tensors
-        return torch.matmul(grad + grad.transpose(-1, -2), a)
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        a, v, z = ctx.saved_tensors
+        G, c, kk = ctx.shape
+        dt = torch.matmul(z, v.T).mul_(2 * grad)  # (G c c', P P')
+        dt = dt.view(G, c, c, kk, kk).permute(0, 1, 3, 2, 4).reshape(G, c * kk, c * kk)
+        return torch.matmul(dt, a).mul_(2), None, None, None, None
 
 
 def _penalty_terms(weight: torch.Tensor, geom: ConvGeometry) -> Dict[str, torch.Tensor]:
@@ -129,20 +152,12 @@ def _penalty_terms(weight: torch.Tensor, geom: ConvGeometry) -> Dict[str, torch.
     G = geom.groups
     hg = h // G
     side = "out" if hg <= gg else "in"
-    v1, v2, dfull = _constants(geom.axes[0], geom.axes[1], side, weight.dtype, weight.device)
+    v, dfull = _constants(geom.axes[0], geom.axes[1], side, weight.dtype, weight.device)
     kw = weight.reshape(G, hg, gg, k1, k2)
-    if side == "out":  # rows (c, p, q) of the side with fewer channels; T = rows rows^T
-        rows = kw.permute(0, 1, 3, 4, 2)
-    else:
-        rows = kw.permute(0, 2, 3, 4, 1)
+    # Rows (c, p, q) of the side with fewer channels; T = rows rows^T.
+    rows = kw.permute(0, 1, 3, 4, 2) if side == "out" else kw.permute(0, 2, 3, 4, 1)
     c = rows.shape[1]
-    t = _Gram.apply(rows.reshape(G, c * k1 * k2, -1))  # (G, c k1 k2, c k1 k2)
-    # (G, c, p, q, c', p', q') -> (G, c, c', q, q', p, p'), contract (p, p') with V1, then
-    # (q, q') with V2: two small GEMMs whose size does not depend on N.
-    t = t.view(G, c, k1, k2, c, k1, k2).permute(0, 1, 4, 3, 6, 2, 5).reshape(-1, k1 * k1)
-    z = torch.matmul(t, v1).view(G * c * c, k2 * k2, -1).transpose(1, 2)
-    z = torch.matmul(z, v2)  # (G c c', r1, r2)
-    gram_sq = z.square().sum()
+    gram_sq = _GramSquaredNorm.apply(rows.reshape(G, c * k1 * k2, -1), v, c, k1, k2)
     # ||M||_F^2 = sum_{P,P'} <K_P, K_P'> tr(A_p A_p'^T) tr(B_q B_q'^T); off-diagonal terms of D
     # are non-zero only when circular padding makes two taps land on the same input.
     kmat = weight.reshape(-1, k1 * k2)

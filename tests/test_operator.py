@@ -21,6 +21,7 @@ def _random_conv(rng: random.Random):
                       groups=groups, padding_mode=mode)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_operator_applies_exactly_what_nn_conv2d_applies():
     rng = random.Random(0)
     checked = 0

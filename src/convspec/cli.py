@@ -58,7 +58,113 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--lr", type=_positive_float, default=1e-3, help="step for --step-rule constant")
     fig.add_argument("--alpha", type=_positive_float, default=1.0, help="target a (default 1)")
     fig.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_train_parser(sub)
+    _add_plot_parser(sub)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from .train.data import DATASETS
+    from .train.loop import INITS, METHODS, SCHEDULES
+    from .train.models import MODELS
+
+    tr = sub.add_parser(
+        "train",
+        help="train a network with SGD, SVB, SVB+BBN or the Frobenius penalty",
+        description="Train a ConvNet / pre-activation ResNet / Wide ResNet. Defaults follow Jia "
+        "et al. (2017); precedence: built-in defaults < --config file < flags. Metrics go to "
+        "RUN_DIR/metrics.jsonl, the resolved config to RUN_DIR/config.json, and an atomic "
+        "checkpoint to RUN_DIR/checkpoint.pt after every epoch.",
+    )
+    a = tr.add_argument
+    a("--data", choices=DATASETS, help="dataset (default fashion-mnist)")
+    a("--data-dir", help="folder with the dataset files")
+    a("--model", choices=MODELS, help="architecture (default convnet)")
+    a("--depth", type=_positive_int, help="weight layers: 6X+2 for convnet/preact_resnet, 6n+4 for wrn")
+    a("--width", type=_positive_int, help="width multiplier (wrn only)")
+    a("--method", choices=METHODS, help="training method (default sgd)")
+    a("--epochs", type=_positive_int, help="epochs (default 10)")
+    a("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+    a("--seed", type=int, help="random seed (default 0)")
+    a("--resume", action="store_true", help="continue the run in RUN_DIR up to --epochs")
+    a("--config", type=Path, help="TOML file of TrainConfig fields (e.g. configs/*.toml)")
+    a("--batch-size", type=_positive_int)
+    a("--lr", type=_positive_float, help="initial learning rate (default 0.5)")
+    a("--lr-end", type=_positive_float, help="final learning rate of paper/cosine (default 0.001)")
+    a("--lr-hold", type=_positive_int, help="epochs per step of the paper schedule (default 2)")
+    a("--schedule", choices=SCHEDULES, help="learning-rate schedule (default paper)")
+    a("--momentum", type=float)
+    a("--nesterov", action="store_true", default=None)
+    a("--weight-decay", type=float)
+    a("--eps", type=_positive_float, help="SVB: bound singular values in [1/(1+eps), 1+eps]")
+    a("--bbn-eps", type=_positive_float, help="BBN band (svb+bbn)")
+    a("--bbn-mode", choices=("bbn", "rel"))
+    a("--svb-every", type=_positive_int, help="SVB period in iterations (default: once per epoch)")
+    a("--frob-weight", type=float, help="weight of the Frobenius penalty (method frobenius)")
+    a("--frob-alpha", type=_positive_float, help="target alpha of the Frobenius penalty")
+    a("--no-frob-normalize", dest="frob_normalize", action="store_false", default=None,
+      help="do not divide each layer's penalty by its input dimension")
+    a("--init", choices=INITS, help="weight initialisation (default orthogonal)")
+    a("--augment", dest="augment", action="store_true", default=None,
+      help="pad-4 random crops and flips (default: on for CIFAR)")
+    a("--no-augment", dest="augment", action="store_false")
+    a("--n-train", type=_positive_int, help="use the first N training examples")
+    a("--n-test", type=_positive_int, help="use the first N test examples")
+    a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    a("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_plot_parser(sub) -> None:
+    pl = sub.add_parser("plot", help="plot validation curves of several runs on one figure")
+    pl.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    pl.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG file (default curves.png)")
+    pl.add_argument("--metric", default="test_error",
+                    choices=("test_error", "test_loss", "train_loss", "train_accuracy"))
+
+
+def _run_train(args, parser) -> int:
+    from dataclasses import fields
+
+    from .train.data import DataError
+    from .train.loop import NonFiniteLoss, TrainConfig, load_config_file, train
+
+    values = {}
+    try:
+        if args.config is not None:
+            values.update(load_config_file(args.config))
+        for f in fields(TrainConfig):
+            v = getattr(args, f.name, None)
+            if v is not None:
+                values[f.name] = str(v) if f.name == "data_dir" else v
+        cfg = TrainConfig(**values)
+        cfg.validate()
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    try:
+        train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    except (FileNotFoundError, FileExistsError, DataError) as exc:
+        print(f"convspec train: error: {exc}", file=sys.stderr)
+        return 1
+    except NonFiniteLoss as exc:
+        print(f"convspec train: stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"convspec train: interrupted; the checkpoint of the last completed epoch is in "
+              f"{args.out / 'checkpoint.pt'}: continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run_plot(args, parser) -> int:
+    from .train.plots import plot_runs
+
+    try:
+        plot_runs(args.runs, args.out, metric=args.metric)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"convspec plot: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -80,6 +186,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         guo_fig41.main(config, args.out, progress=not args.no_progress)
         return 0
+    if args.command == "train":
+        return _run_train(args, parser)
+    if args.command == "plot":
+        return _run_plot(args, parser)
     parser.error("unknown command")  # pragma: no cover - argparse rejects it first
     return 2
 

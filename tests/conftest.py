@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# Run by tests under torchrun, not a test module (it needs RANK etc. in the environment).
+collect_ignore = ["_ddp_train_worker.py"]
+
 
 @pytest.fixture(autouse=True)
 def _seed():

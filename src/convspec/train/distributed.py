@@ -63,6 +63,18 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def sync_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Broadcast rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP does the same at the start of each forward, but after the last step of an epoch each rank
+    holds the statistics of its own batch; syncing makes evaluation, checkpoints and the weights
+    every rank ends with identical.
+    """
+    if ctx.world_size > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def cleanup(ctx: DistContext) -> None:
     if ctx.initialized_here and dist.is_initialized():
         dist.destroy_process_group()

@@ -177,9 +177,15 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
     return loss / n, 1.0 - correct / n
 
 
+@dataclass
+class TrainResult:
+    history: List[Dict]  # one metrics row per epoch
+    model: nn.Module  # the trained model (unwrapped from DDP)
+
+
 def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
-          data: Optional[Dataset] = None) -> List[Dict]:
-    """Train per ``cfg`` into run directory ``out``; return the metrics of every epoch.
+          data: Optional[Dataset] = None) -> TrainResult:
+    """Train per ``cfg`` into run directory ``out``; return the metrics and the model.
 
     ``out/config.json`` (the resolved config, seed, git commit, library versions) is written
     before step 0; each epoch appends a line to ``out/metrics.jsonl`` and replaces
@@ -202,6 +208,8 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
             f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or "
             "choose another --out"
         )
+    # Every rank has checked the run directory before rank 0 writes into it.
+    dist_utils.barrier(ctx)
 
     torch.manual_seed(cfg.seed)
     if data is None:
@@ -282,9 +290,9 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                     logits = net(x)
                     loss = F.cross_entropy(logits, y)
                     total = loss + cfg.frob_weight * reg() if reg is not None else loss
-                    if not torch.isfinite(total):
+                    if not bool(torch.isfinite(total.detach())):
                         raise NonFiniteLoss(
-                            f"loss became {float(total)} at epoch {epoch + 1}, iteration {i + 1}; "
+                            f"loss became {float(total.detach())} at epoch {epoch + 1}, iteration {i + 1}; "
                             f"the last good checkpoint (end of epoch {epoch}) is kept in {ckpt_path}. "
                             "Lower --lr or --frob-weight."
                         )
@@ -293,13 +301,14 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                     opt.step()
                     if svb is not None:
                         svb.step()
-                    total_loss += float(loss) * y.shape[0]
+                    total_loss += float(loss.detach()) * y.shape[0]
                     total_correct += int((logits.argmax(1) == y).sum())
                     seen += y.shape[0]
                     bar.update(1)
-                    bar.set_postfix_str(f"loss {float(loss):.3f}")
+                    bar.set_postfix_str(f"loss {float(loss.detach()):.3f}")
                     if interrupted["flag"]:
                         raise KeyboardInterrupt
+            dist_utils.sync_buffers(model, ctx)
             test_loss, test_error = evaluate(model, data, device)
             row = {
                 "epoch": epoch + 1,
@@ -327,4 +336,4 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         if reg is not None:
             reg.remove()
         dist_utils.cleanup(ctx)
-    return history
+    return TrainResult(history, model)

@@ -1,0 +1,146 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from convspec.cli import main
+from convspec.train.loop import TrainConfig, learning_rate
+
+TINY = ["--data", "synthetic", "--model", "convnet", "--depth", "8", "--batch-size", "32",
+        "--n-train", "128", "--n-test", "64", "--no-progress", "--lr", "0.05"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["sgd", "svb", "svb+bbn", "frobenius"])
+def test_cli_trains_every_method(tmp_path, method):
+    run = tmp_path / method
+    assert main(["train", *TINY, "--method", method, "--epochs", "1", "--out", str(run)]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["method"] == method and "git_commit" in cfg["environment"]
+    (row,) = _metrics(run)
+    assert {"train_loss", "train_accuracy", "test_error", "epoch_time_s", "lr", "sigma_reshaped"} <= set(row)
+    assert 0.0 <= row["test_error"] <= 1.0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1
+    if method in ("svb", "svb+bbn"):  # bounded once at the end of the epoch (once per epoch)
+        for lo, hi in row["sigma_reshaped"].values():
+            assert 1 / 1.05 - 1e-5 <= lo and hi <= 1.05 + 1e-5
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+    common = [*TINY, "--method", "svb+bbn", "--svb-every", "3", "--augment"]
+    assert main(["train", *common, "--epochs", "3", "--out", str(tmp_path / "full")]) == 0
+    assert main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "part")]) == 0
+    assert main(["train", *common, "--epochs", "3", "--out", str(tmp_path / "part"), "--resume"]) == 0
+    full, part = _metrics(tmp_path / "full"), _metrics(tmp_path / "part")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+    assert strip(full) == strip(part)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "new"), "--resume"]) == 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "nan"
+    rc = main(["train", *TINY, "--method", "frobenius", "--frob-weight", "1e30",
+               "--no-frob-normalize", "--epochs", "2", "--out", str(run)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "loss became" in err and "last good checkpoint" in err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                      if v.is_floating_point())
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    run = tmp_path / "int"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convspec", "train", *TINY, "--n-train", "512", "--epochs", "200",
+         "--out", str(run)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    done = torch.load(run / "checkpoint.pt", weights_only=False)["epoch"]
+    assert 1 <= done < 200 and len(_metrics(run)) == done
+    assert main(["train", *TINY, "--n-train", "512", "--epochs", str(done + 1), "--out", str(run),
+                 "--resume"]) == 0
+    assert len(_metrics(run)) == done + 1
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--depth", "21"], "6X\\+2"), (["--data", "mnist"], "invalid choice"),
+    (["--method", "adam"], "invalid choice"), (["--epochs", "0"], "positive integer"),
+    (["--model", "wrn", "--depth", "20"], "6n\\+4"), (["--width", "2"], "wrn only"),
+])
+def test_bad_flags_exit_2(tmp_path, capsys, flags, msg):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *TINY, "--out", str(tmp_path / "x"), *flags])
+    assert exc.value.code == 2
+    assert pytest.importorskip("re").search(msg, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('method = "svb"\nepochs = 1\neps = 0.5\nbogus = 1\n')
+    with pytest.raises(SystemExit):
+        main(["train", *TINY, "--config", str(cfg), "--out", str(tmp_path / "a")])
+    cfg.write_text('method = "svb"\nepochs = 1\neps = 0.5\n')
+    assert main(["train", *TINY, "--config", str(cfg), "--eps", "0.25", "--out", str(tmp_path / "b")]) == 0
+    resolved = json.loads((tmp_path / "b" / "config.json").read_text())["config"]
+    assert resolved["method"] == "svb" and resolved["eps"] == 0.25
+
+
+def test_paper_learning_rate_schedule():
+    cfg = TrainConfig(epochs=10)
+    lrs = [learning_rate(cfg, e) for e in range(10)]
+    assert lrs[0] == lrs[1] == 0.5 and lrs[8] == lrs[9] == pytest.approx(0.001)
+    assert all(b < a for a, b in zip(lrs[::2], lrs[2::2]))  # geometric steps every 2 epochs
+    ratios = [b / a for a, b in zip(lrs[::2], lrs[2::2])]
+    assert max(ratios) == pytest.approx(min(ratios))
+
+
+def test_plot_several_runs(tmp_path):
+    for m in ("sgd", "svb"):
+        main(["train", *TINY, "--method", m, "--epochs", "2", "--out", str(tmp_path / m)])
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(tmp_path / "sgd"), str(tmp_path / "svb"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path / "missing"), "--out", str(png)]) == 1
+
+
+def test_distributed_two_processes_identical_weights(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", "2", str(ROOT / "tests" / "_ddp_train_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt")
+    b = torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(_metrics(tmp_path / "run")) == 1  # written once, by rank 0

@@ -475,10 +475,14 @@ def test_scheduler_validation_and_atomic_apply():
     assert_identical(model, snap)
 
 
-def test_readme_snippet_runs():
-    text = (ROOT / "docs" / "svb.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "docs/svb.md has no python block"
+def test_readme_svb_snippet_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+              if "SingularValueBounding" in b]
+    assert blocks, "README has no SingularValueBounding snippet"
     namespace = {"__name__": "__svb_snippet__"}
-    exec(compile(blocks[0], "docs/svb.md", "exec"), namespace)
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert math.isfinite(namespace["loss"].item())
+    report = namespace["report"]
+    assert report.layers and all(1 / 1.05 - 1e-5 <= r.min_after and r.max_after <= 1.05 + 1e-5
+                                 for r in report.layers)

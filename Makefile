@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= out
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo data test test-slow bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,26 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[all]"
 	@touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m convspec reproduce guo-fig41 --out $(OUT)
+# Fashion-MNIST from Debian's package dataset-fashion-mnist: installed when running as root,
+# otherwise the exact command is printed and the demo stops.
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+data:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	else \
+	  echo "Fashion-MNIST is missing. Install it with:"; \
+	  echo "    sudo apt-get install dataset-fashion-mnist"; \
+	  exit 1; \
+	fi
+
+demo: $(STAMP) data
+	$(PY) -m convspec reproduce guo-fig41 --out $(OUT)/guo_fig41
+	$(PY) -m convspec compare --config configs/demo_fmnist.toml --seeds 0 1 --out $(OUT)/compare
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" --doctest-modules src/convspec tests

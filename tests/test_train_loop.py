@@ -144,3 +144,65 @@ def test_distributed_two_processes_identical_weights(tmp_path):
     b = torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(_metrics(tmp_path / "run")) == 1  # written once, by rank 0
+
+
+def test_torchrun_module_cli(tmp_path):
+    """The README's command: torchrun ... -m convspec train ..."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "convspec", "train", *TINY, "--method", "svb", "--epochs", "1",
+           "--out", str(tmp_path / "cli")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_metrics(tmp_path / "cli")) == 1
+    cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert cfg["world_size"] == 2
+
+
+def test_compare_methods_over_seeds(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", *TINY, "--methods", "sgd", "svb+bbn", "--seeds", "0", "1", "--epochs", "2",
+            "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {"sgd", "svb+bbn"} and "| svb+bbn | 2 |" in printed
+    for method, res in summary["results"].items():
+        finals = [_metrics(out / f"{method}-seed{s}")[-1]["test_error"] for s in (0, 1)]
+        assert res["final_test_error"]["mean"] == pytest.approx(sum(finals) / 2)
+        assert res["final_test_error"]["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
+    # Seeds differ, so the runs differ.
+    a, b = (_metrics(out / f"sgd-seed{s}")[-1]["train_loss"] for s in (0, 1))
+    assert a != b
+    # Operator ranges are the exact extreme singular values of each trained conv.
+    from convspec import extreme_singular_values
+    from convspec.train.models import build_model
+
+    run = summary["results"]["svb+bbn"]["runs"][0]
+    model = build_model("convnet", 8, 1, num_classes=4, in_channels=1)
+    model.load_state_dict(torch.load(out / "svb+bbn-seed0" / "checkpoint.pt", weights_only=False)["model"])
+    conv = model.features[0]
+    smax, smin = extreme_singular_values(conv.weight, 16, padding=conv.padding)
+    assert run["operator"]["features.0"] == pytest.approx([smin, smax], rel=1e-6)
+    assert (out / "test_error.png").read_bytes()[:4] == b"\x89PNG"
+    # A second call reuses the finished runs.
+    before = (out / "sgd-seed0" / "metrics.jsonl").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "sgd-seed0" / "metrics.jsonl").stat().st_mtime_ns == before
+
+
+def test_compare_bad_flags_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", *TINY, "--methods", "adam", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", *TINY, "--depth", "9", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_named_config_files_are_valid(path):
+    from convspec.train.loop import load_config_file
+
+    cfg = TrainConfig(**load_config_file(path))
+    cfg.validate()

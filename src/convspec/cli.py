@@ -59,15 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--alpha", type=_positive_float, default=1.0, help="target a (default 1)")
     fig.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_train_parser(sub)
+    _add_compare_parser(sub)
     _add_plot_parser(sub)
     return parser
 
 
 def _add_train_parser(sub) -> None:
-    from .train.data import DATASETS
-    from .train.loop import INITS, METHODS, SCHEDULES
-    from .train.models import MODELS
-
     tr = sub.add_parser(
         "train",
         help="train a network with SGD, SVB, SVB+BBN or the Frobenius penalty",
@@ -76,17 +73,48 @@ def _add_train_parser(sub) -> None:
         "RUN_DIR/metrics.jsonl, the resolved config to RUN_DIR/config.json, and an atomic "
         "checkpoint to RUN_DIR/checkpoint.pt after every epoch.",
     )
+    _add_config_arguments(tr, compare=False)
+
+
+def _add_compare_parser(sub) -> None:
+    from .train.loop import METHODS
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="train several methods over several seeds and tabulate them (mean +/- std)",
+        description="Train the same configuration once per --methods and --seeds into "
+        "OUT/<method>-seed<S> (finished runs are reused, unfinished ones resumed), then write "
+        "OUT/summary.json, OUT/summary.md (final test error and time as mean +/- std, singular "
+        "value ranges of the reshaped kernels and of the exact conv operators) and "
+        "OUT/test_error.png.",
+    )
+    cmp_.add_argument("--methods", nargs="+", choices=METHODS,
+                      default=["sgd", "svb+bbn", "frobenius"], help="default: sgd svb+bbn frobenius")
+    cmp_.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: 0 1 2")
+    _add_config_arguments(cmp_, compare=True)
+
+
+def _add_config_arguments(tr, *, compare: bool) -> None:
+    """The TrainConfig flags shared by ``train`` and ``compare``."""
+    from .train.data import DATASETS
+    from .train.loop import INITS, METHODS, SCHEDULES
+    from .train.models import MODELS
+
     a = tr.add_argument
     a("--data", choices=DATASETS, help="dataset (default fashion-mnist)")
     a("--data-dir", help="folder with the dataset files")
     a("--model", choices=MODELS, help="architecture (default convnet)")
     a("--depth", type=_positive_int, help="weight layers: 6X+2 for convnet/preact_resnet, 6n+4 for wrn")
     a("--width", type=_positive_int, help="width multiplier (wrn only)")
-    a("--method", choices=METHODS, help="training method (default sgd)")
+    if not compare:
+        a("--method", choices=METHODS, help="training method (default sgd)")
     a("--epochs", type=_positive_int, help="epochs (default 10)")
-    a("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
-    a("--seed", type=int, help="random seed (default 0)")
-    a("--resume", action="store_true", help="continue the run in RUN_DIR up to --epochs")
+    if compare:
+        a("--out", type=Path, required=True, metavar="OUT", help="folder for the runs and summary")
+    else:
+        a("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+        a("--seed", type=int, help="random seed (default 0)")
+        a("--resume", action="store_true", help="continue the run in RUN_DIR up to --epochs")
     a("--config", type=Path, help="TOML file of TrainConfig fields (e.g. configs/*.toml)")
     a("--batch-size", type=_positive_int)
     a("--lr", type=_positive_float, help="initial learning rate (default 0.5)")
@@ -122,11 +150,11 @@ def _add_plot_parser(sub) -> None:
                     choices=("test_error", "test_loss", "train_loss", "train_accuracy"))
 
 
-def _run_train(args, parser) -> int:
+def _config_from_args(args, parser, **override):
+    """Built-in defaults < ``--config`` file < flags < ``override``; exits 2 when invalid."""
     from dataclasses import fields
 
-    from .train.data import DataError
-    from .train.loop import NonFiniteLoss, TrainConfig, load_config_file, train
+    from .train.loop import TrainConfig, load_config_file
 
     values = {}
     try:
@@ -136,10 +164,19 @@ def _run_train(args, parser) -> int:
             v = getattr(args, f.name, None)
             if v is not None:
                 values[f.name] = str(v) if f.name == "data_dir" else v
+        values.update(override)
         cfg = TrainConfig(**values)
         cfg.validate()
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
+    return cfg
+
+
+def _run_train(args, parser) -> int:
+    from .train.data import DataError
+    from .train.loop import NonFiniteLoss, train
+
+    cfg = _config_from_args(args, parser)
     try:
         train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     except (FileNotFoundError, FileExistsError, DataError) as exc:
@@ -152,6 +189,32 @@ def _run_train(args, parser) -> int:
         print(f"convspec train: interrupted; the checkpoint of the last completed epoch is in "
               f"{args.out / 'checkpoint.pt'}: continue with --resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def _run_compare(args, parser) -> int:
+    from .experiments.compare import compare, format_table
+    from .train.data import DataError
+    from .train.loop import NonFiniteLoss
+
+    # Validate every method against the shared flags before anything runs.
+    cfg = _config_from_args(args, parser)
+    for method in args.methods:
+        _config_from_args(args, parser, method=method)
+    try:
+        summary = compare(cfg, args.methods, args.seeds, args.out, progress=not args.no_progress)
+    except (FileNotFoundError, FileExistsError, DataError, ValueError) as exc:
+        print(f"convspec compare: error: {exc}", file=sys.stderr)
+        return 1
+    except NonFiniteLoss as exc:
+        print(f"convspec compare: stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"convspec compare: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(format_table(summary))
+    print(f"wrote {args.out / 'summary.json'}, {args.out / 'summary.md'}, "
+          f"{args.out / 'test_error.png'}")
     return 0
 
 
@@ -188,6 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "train":
         return _run_train(args, parser)
+    if args.command == "compare":
+        return _run_compare(args, parser)
     if args.command == "plot":
         return _run_plot(args, parser)
     parser.error("unknown command")  # pragma: no cover - argparse rejects it first

@@ -1,0 +1,160 @@
+"""Compare training methods over several seeds: SGD vs SVB(+BBN) vs the Frobenius penalty.
+
+One :class:`~convspec.train.loop.TrainConfig` (defaults, a config file, flags) is trained once
+per method and seed into ``OUT/<method>-seed<S>``; a run directory that already holds a finished
+run is reused, an unfinished one is resumed. Then, per method, the final test error and the
+training time as mean +/- std over seeds, and the singular value ranges of the trained layers:
+of the reshaped kernels (what SVB bounds) and of the true convolution operators at the input
+size each layer sees (what the Frobenius penalty acts on). Writes ``OUT/summary.json``,
+``OUT/summary.md`` and ``OUT/test_error.png`` (mean +/- std over seeds, per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from .._provenance import environment
+from ..train.data import load_dataset, normalize
+from ..train.loop import TrainConfig, train
+from ..train.models import build_model
+
+#: Columns of the printed table.
+HEADER = ("method", "seeds", "test error (%)", "time / run (s)", "reshaped sigma [min, max]",
+          "operator sigma [min, max]")
+
+
+def _mean_std(values: Sequence[float]) -> Dict[str, float]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def operator_sigma_ranges(model: nn.Module, example_input: torch.Tensor) -> Dict[str, List[float]]:
+    """Per conv layer ``[sigma_min, sigma_max]`` of its exact operator at the input size it sees.
+
+    A thin wrapper over :func:`convspec.spectrum_report` (one forward pass with hooks).
+    """
+    from ..spectrum import spectrum_report
+
+    report = spectrum_report(model, example_input)
+    return {row.name: [row.operator_sigma_min, row.operator_sigma_max] for row in report
+            if row.operator_sigma_max is not None}
+
+
+def _finished(run: Path, epochs: int) -> bool:
+    metrics = run / "metrics.jsonl"
+    if not (run / "checkpoint.pt").is_file() or not metrics.is_file():
+        return False
+    return len([ln for ln in metrics.read_text().splitlines() if ln.strip()]) >= epochs
+
+
+def _trained_model(cfg: TrainConfig, run: Path, in_channels: int, num_classes: int) -> nn.Module:
+    model = build_model(cfg.model, cfg.depth, cfg.width, num_classes, in_channels)
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def compare(
+    base: TrainConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    *,
+    progress: bool = True,
+) -> Dict:
+    """Train ``base`` with every method and seed into ``out``; return (and write) the summary."""
+    if not methods or not seeds:
+        raise ValueError("compare needs at least one method and one seed")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(base.data, base.data_dir, seed=base.seed)
+    example = normalize(data.x_test[:1], data.mean, data.std)  # sets each conv's input size
+    runs: Dict[str, List[Dict]] = {}
+    for method in methods:
+        for seed in seeds:
+            cfg = replace(base, method=method, seed=seed)
+            cfg.validate()
+            run = out / f"{method}-seed{seed}"
+            if not _finished(run, cfg.epochs):
+                resume = (run / "checkpoint.pt").is_file()
+                if progress:
+                    print(f"== {method}, seed {seed}: {'resuming' if resume else 'training'} "
+                          f"into {run}", flush=True)
+                train(cfg, run, resume=resume, progress=progress, data=data)
+            history = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
+                       if ln.strip()][: cfg.epochs]
+            model = _trained_model(cfg, run, data.in_channels, data.num_classes)
+            runs.setdefault(method, []).append({
+                "seed": seed,
+                "run_dir": str(run),
+                "test_error": [r["test_error"] for r in history],
+                "train_time_s": sum(r["epoch_time_s"] for r in history),
+                "reshaped": history[-1]["sigma_reshaped"],
+                "operator": operator_sigma_ranges(model, example),
+            })
+
+    summary = {"config": asdict(base), "methods": list(methods), "seeds": list(seeds),
+               "environment": environment(), "results": {}}
+    for method, rows in runs.items():
+        summary["results"][method] = {
+            "final_test_error": _mean_std([r["test_error"][-1] for r in rows]),
+            "train_time_s": _mean_std([r["train_time_s"] for r in rows]),
+            # Over layers and seeds: the smallest minimum and the largest maximum.
+            "reshaped_sigma": [min(v[0] for r in rows for v in r["reshaped"].values()),
+                               max(v[1] for r in rows for v in r["reshaped"].values())],
+            "operator_sigma": [min(v[0] for r in rows for v in r["operator"].values()),
+                               max(v[1] for r in rows for v in r["operator"].values())],
+            "runs": rows,
+        }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = format_table(summary)
+    (out / "summary.md").write_text(table + "\n")
+    plot_comparison(summary, out / "test_error.png")
+    return summary
+
+
+def format_table(summary: Dict) -> str:
+    """The summary as a markdown table (one row per method)."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for method, res in summary["results"].items():
+        err, t = res["final_test_error"], res["train_time_s"]
+        rs, op = res["reshaped_sigma"], res["operator_sigma"]
+        lines.append(
+            f"| {method} | {len(res['runs'])} | {100 * err['mean']:.2f} +/- {100 * err['std']:.2f} "
+            f"| {t['mean']:.0f} +/- {t['std']:.0f} | [{rs[0]:.3f}, {rs[1]:.3f}] "
+            f"| [{op[0]:.3f}, {op[1]:.3f}] |"
+        )
+    return "\n".join(lines)
+
+
+def plot_comparison(summary: Dict, path: Path) -> None:
+    """Test error per epoch, mean +/- std over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, res in summary["results"].items():
+        curves = torch.tensor([r["test_error"] for r in res["runs"]], dtype=torch.float64) * 100
+        mean = curves.mean(0)
+        std = curves.std(0, unbiased=True) if curves.shape[0] > 1 else torch.zeros_like(mean)
+        epochs = range(1, mean.numel() + 1)
+        ax.plot(epochs, mean, marker="o", ms=3, label=f"{method} ({curves.shape[0]} seeds)")
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    cfg = summary["config"]
+    ax.set_title(f"{cfg['model']}-{cfg['depth']} on {cfg['data']}: test error, mean +/- std")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

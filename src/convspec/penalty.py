@@ -330,8 +330,23 @@ def frobenius_penalty_grad_reference(
 # The 2-norm penalty of Guo & Ye
 
 # Power-iteration vectors kept between calls, per weight tensor and geometry, as
-# torch.nn.utils.spectral_norm keeps ``u`` in a buffer: entries vanish with their weight.
-_POWER_STATE: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+# torch.nn.utils.spectral_norm keeps ``u`` in a buffer. Keyed by id() (tensors compare
+# elementwise, so they cannot be dict keys by value); an entry vanishes with its weight.
+_POWER_STATE: Dict[int, Tuple["weakref.ref", dict]] = {}
+
+
+def _cached_state(weight: torch.Tensor, geom: ConvGeometry) -> dict:
+    key = id(weight)
+    entry = _POWER_STATE.get(key)
+    if entry is None or entry[0]() is not weight:
+
+        def drop(ref, key=key):
+            if _POWER_STATE.get(key, (None,))[0] is ref:
+                del _POWER_STATE[key]
+
+        entry = (weakref.ref(weight, drop), {})
+        _POWER_STATE[key] = entry
+    return entry[1].setdefault(geom, {})
 
 
 def _gram_apply(u: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
@@ -404,7 +419,7 @@ def spectral_penalty(
             or n_power_iterations < 0):
         raise ValueError(f"n_power_iterations must be a non-negative int, got {n_power_iterations!r}")
     if state is None:
-        state = _POWER_STATE.setdefault(weight, {}).setdefault(geom, {})
+        state = _cached_state(weight, geom)
     elif not isinstance(state, dict):
         raise ValueError(f"state must be a dict (or None), got {type(state).__name__}")
     shape = (geom.in_channels, *geom.input_size)

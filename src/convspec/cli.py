@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -218,7 +219,8 @@ def _run_spectrum(args, parser) -> int:
             )
         sr.main(model, (c, h, w), args.out, source=source, tol=args.tol,
                 progress=not args.no_progress)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError,
+            pickle.UnpicklingError) as exc:
         # Unreadable checkpoint, a state_dict that does not fit, or an input too small for the
         # model: a message, not a traceback.
         print(f"convspec spectrum: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -324,3 +324,14 @@ def test_spectrum_report_bad_input():
         spectrum_report(nn.Linear(3, 3), torch.randn(1, 3))
     with pytest.raises(ValueError, match="tensor"):
         spectrum_report(nn.Conv2d(1, 1, 3), [1.0])
+
+
+def test_iterative_fallback_without_factorisation_warns_and_converges():
+    # max_bytes too small for the banded factor: Lanczos on sigma_max^2 I - Gram instead.
+    w = rand(3, 2, 3, seed=15)
+    ref = dense_values(w, 6, padding=1)
+    with pytest.warns(UserWarning, match="falls back"):
+        got = conv_singular_values(w, 6, padding=1, which="extremes", method="iterative",
+                                   max_bytes=1)
+    assert got.converged and got.n_solves == 0
+    assert got.sigma_min == pytest.approx(float(ref[-1]), rel=1e-6)

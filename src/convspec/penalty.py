@@ -417,7 +417,9 @@ def spectral_penalty(
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     if (isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int)
             or n_power_iterations < 0):
-        raise ValueError(f"n_power_iterations must be a non-negative int, got {n_power_iterations!r}")
+        raise ValueError(
+            f"n_power_iterations must be a non-negative int, got {n_power_iterations!r}"
+        )
     if state is None:
         state = _cached_state(weight, geom)
     elif not isinstance(state, dict):

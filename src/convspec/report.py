@@ -154,7 +154,8 @@ def spectrum_report(
                 rows.append(row)
                 continue
             _, geom1 = _group_weights(w.detach(), geom)
-            cheap = _fft_applicable(geom) is None or max(geom1.n_in, geom1.n_out) <= AUTO_DENSE_MAX_N
+            small = max(geom1.n_in, geom1.n_out) <= AUTO_DENSE_MAX_N
+            cheap = _fft_applicable(geom) is None or small
             which = "all" if keep_values and cheap else "extremes"
             spec = conv_singular_values(
                 w, sizes[name], stride=tuple(conv.stride), padding=padding,

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._geometry import AxisGeometry, ConvGeometry, IntPair, Padding, check_finite, conv2d, conv_geometry
+from ._geometry import (
+    AxisGeometry, ConvGeometry, IntPair, Padding, check_finite, conv2d, conv_geometry,
+)
 from .operator import DEFAULT_MAX_BYTES, conv_operator
 
 WHICH = ("all", "extremes", "max")
@@ -117,7 +119,8 @@ def _phases(ax: AxisGeometry, size: int, stride: int) -> Tuple[torch.Tensor, np.
     t = ax.dilation * np.arange(ax.kernel) - ax.pad_lo
     r, q = np.mod(t, stride), np.floor_divide(t, stride)
     omega = np.arange(n)[:, None] * np.mod(q, n)[None, :] / n
-    e = torch.polar(torch.ones(omega.shape, dtype=torch.float64), torch.as_tensor(-2 * np.pi * omega))
+    angle = torch.as_tensor(-2 * np.pi * omega)
+    e = torch.polar(torch.ones(omega.shape, dtype=torch.float64), angle)
     return e, r
 
 
@@ -312,7 +315,7 @@ def _lanczos_largest(
 
 
 def _tap_matrices(ax: AxisGeometry) -> np.ndarray:
-    """``A_p`` (k, P, N): ``A_p[y, x]`` = number of times output ``y`` reads input ``x`` via ``p``."""
+    """``A_p`` (k, P, N): ``A_p[y, x]`` = times output ``y`` reads input ``x`` via tap ``p``."""
     k, n, P = ax.kernel, ax.size, ax.out_size
     a = np.zeros((k, P, n))
     for p in range(k):
@@ -326,7 +329,7 @@ def _tap_matrices(ax: AxisGeometry) -> np.ndarray:
 
 
 def _gram_parts(w: torch.Tensor, axes, tall: bool):
-    """Per-axis ``Z[p, p', i, i'] = (E_p E_p'^T)[i, i']`` and channel matrices ``C`` (k1,k2,c,c2)."""
+    """Per-axis ``Z[p, p', i, i'] = (E_p E_p'^T)[i, i']``; channel matrices ``C`` (k1, k2, c, c')."""
     z = []
     for ax in axes:
         a = _tap_matrices(ax)
@@ -361,7 +364,7 @@ def _plan_banded(w: torch.Tensor, geom1: ConvGeometry) -> Tuple[bool, int, int]:
 
 
 class _BandedCholesky:
-    """Cholesky factor of ``Gram + shift I`` for the block-tridiagonal Gram of Note [banded Gram]."""
+    """Cholesky factor of ``Gram + shift I``, block tridiagonal as in Note [banded Gram]."""
 
     def __init__(self, w: torch.Tensor, axes, tall: bool, rows: int, shift: float):
         (z1, z2), c = _gram_parts(w, axes, tall)
@@ -452,7 +455,8 @@ def _iterative(
     v0 = torch.randn(dim, dtype=torch.float64, generator=generator)
     top = _lanczos_largest(gram, v0, tol, max_steps=max_products // 2)
     # sigma = ||M v|| of the Ritz vector: a Rayleigh quotient, never above the true sigma_max.
-    sigma_max = float((fwd(top.vector.reshape(shape_in)) if tall else adj(top.vector.reshape(shape_out))).norm())
+    ritz = fwd(top.vector.reshape(shape_in)) if tall else adj(top.vector.reshape(shape_out))
+    sigma_max = float(ritz.norm())
     converged = top.converged
     sigma_min = None
     if which == "extremes":
@@ -611,6 +615,10 @@ def conv_singular_values(
     * ``'auto'``: ``'fft'`` when applicable, else ``'dense'`` when each group's operator has
       at most ``AUTO_DENSE_MAX_N`` (1024) rows and columns, else ``'iterative'``.
 
+    All routes compute in float64 on the CPU, whatever the weight's dtype and device. ``seed``
+    fixes Lanczos' random start vectors, so results are deterministic; ``max_products`` caps
+    the products of ``'iterative'``.
+
     Returns a :class:`ConvSpectrum`. Raises ``ValueError`` for bad shapes, geometry, NaN/Inf
     weights, ``which``, ``method``, ``tol``, or a method that does not apply.
 
@@ -630,6 +638,8 @@ def conv_singular_values(
     arXiv:1907.11235 (the operator ``M``).
     """
     _check_which_method(which, method, tol)
+    if isinstance(max_products, bool) or not isinstance(max_products, int) or max_products < 10:
+        raise ValueError(f"max_products must be an int >= 10, got {max_products!r}")
     geom = conv_geometry(
         weight, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
         padding_mode=padding_mode,

@@ -335,3 +335,11 @@ def test_iterative_fallback_without_factorisation_warns_and_converges():
                                    max_bytes=1)
     assert got.converged and got.n_solves == 0
     assert got.sigma_min == pytest.approx(float(ref[-1]), rel=1e-6)
+
+
+def test_zero_kernel_has_zero_spectrum():
+    w = torch.zeros(3, 2, 3, 3, dtype=torch.float64)
+    for method in ("dense", "iterative"):
+        res = conv_singular_values(w, 5, which="extremes", method=method)
+        assert (res.sigma_max, res.sigma_min) == (0.0, 0.0)
+    assert conv_spectral_norm_bound(w, 5) == 0.0

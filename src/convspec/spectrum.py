@@ -357,7 +357,8 @@ def _plan_banded(w: torch.Tensor, geom1: ConvGeometry) -> Tuple[bool, int, int]:
         block = rows * sizes[1] * c
         nblocks = -(-sizes[0] // rows)
         flops = nblocks * block**3
-        memory = 8 * (2 * nblocks * block**2 + axes[0].kernel ** 2 * (sizes[1] * c) ** 2)
+        # Blocks of the Gram, of its Cholesky factor and of the Schur updates, plus H.
+        memory = 8 * (4 * nblocks * block**2 + axes[0].kernel ** 2 * (sizes[1] * c) ** 2)
         if best is None or flops < best[0]:
             best = (flops, swap, rows, memory)
     return best[1], best[2], best[3]
@@ -386,6 +387,7 @@ class _BandedCholesky:
                 lo = torch.einsum("pqxy,pqJK->xJyK", z1[:, :, s:e, ps:s], h)
                 self.low.append(lo.reshape(self.sizes[bi], self.sizes[bi - 1]))
         self.ok = self._factor()
+        del self.diag, self.low  # the factor is all that solves need
 
     def _factor(self) -> bool:
         self.L, self.W = [], []
@@ -480,6 +482,8 @@ def _sigma_min(wg, geom1, tall, sigma_max, tol, max_bytes, max_products, generat
     swap, rows, need = _plan_banded(wg[0], geom1)
     axes = geom1.axes[::-1] if swap else geom1.axes
     lam_max = sigma_max**2
+    if lam_max == 0:
+        return 0.0, True  # a zero kernel: every singular value is 0
     result, all_ok = math.inf, True
     for gi in range(wg.shape[0]):
         wgi = wg[gi]  # (h', g', k1, k2)

@@ -343,3 +343,13 @@ def test_zero_kernel_has_zero_spectrum():
         res = conv_singular_values(w, 5, which="extremes", method=method)
         assert (res.sigma_max, res.sigma_min) == (0.0, 0.0)
     assert conv_spectral_norm_bound(w, 5) == 0.0
+
+
+def test_unconverged_iteration_is_reported():
+    w = rand(6, 6, 3, seed=16)
+    with pytest.warns(UserWarning, match="did not reach"):
+        res = conv_singular_values(w, 9, which="max", method="iterative", tol=1e-12,
+                                   max_products=10)
+    assert not res.converged and not res.exact
+    ref = float(dense_values(w, 9)[0])
+    assert res.sigma_max <= ref * (1 + 1e-12)  # a Ritz value never exceeds sigma_max

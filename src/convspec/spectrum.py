@@ -465,6 +465,12 @@ def _iterative(
         sigma_min, ok = _sigma_min(wg, geom1, tall, sigma_max, tol, max_bytes,
                                    max_products, generator, counts)
         converged = converged and ok
+    if not converged:
+        warnings.warn(
+            f"the iterative spectrum did not reach tol={tol} within max_products={max_products} "
+            "(see ConvSpectrum.converged); raise max_products or use method='dense'",
+            stacklevel=3,
+        )
     return ConvSpectrum(
         sigma_max=sigma_max, sigma_min=sigma_min, values=None, method="iterative",
         exact=converged, converged=converged, n_products=counts["products"],

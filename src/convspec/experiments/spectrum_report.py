@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .._provenance import environment
@@ -89,18 +90,27 @@ def plot_histograms(rows: Sequence[LayerSpectrum], path: Path) -> None:
     fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.4), squeeze=False)
     for ax, i, where in zip(axes[0], picks, ("lower", "middle", "higher")[-len(picks):]):
         r = rows[i]
-        ax.hist(r.reshaped_values.numpy(), bins=30, alpha=0.6, density=True,
-                label="reshaped kernel")
+        series = [("reshaped kernel", r.reshaped_values)]
         if r.values is not None:
-            ax.hist(r.values.numpy(), bins=60, alpha=0.6, density=True, label="operator (exact)")
-        elif r.sigma_max is not None:
+            series.append(("operator (exact)", r.values))
+        allv = torch.cat([v for _, v in series])
+        lo, hi = float(allv.min()), float(allv.max())
+        pad = max(0.05 * (hi - lo), 0.05 * max(hi, 1e-12))  # orthogonal kernels: all values 1
+        bins = np.linspace(lo - pad, hi + pad, 41)
+        for label, v in series:
+            # Fractions, not densities: a reshaped spectrum of equal values is one bar, not a spike.
+            ax.hist(v.numpy(), bins=bins, weights=np.full(v.numel(), 1.0 / v.numel()),
+                    alpha=0.6, label=f"{label} ({v.numel()} values)")
+        if r.values is None and r.sigma_max is not None:
             for v in (r.sigma_max, r.sigma_min):
                 ax.axvline(v, color="C1", ls="--")
             ax.plot([], [], color="C1", ls="--", label="operator sigma_max / sigma_min")
-        ax.set_title(f"{where}: {r.name} ({'x'.join(map(str, r.weight_shape))})", fontsize=9)
+        ax.set_yscale("log")
+        ax.set_title(f"{where}: {r.name} ({'x'.join(map(str, r.weight_shape))}, "
+                     f"input {r.input_size[0]}x{r.input_size[1]})", fontsize=9)
         ax.set_xlabel("singular value")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("density")
+    axes[0][0].set_ylabel("fraction of singular values")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -13,7 +13,8 @@ Three exact routes and one certified bound, all for the operator that ``nn.Conv2
   the kernel (never the dense ``M``).
 
 :func:`conv_spectral_norm_bound` is a certified upper bound on ``sigma_max`` (Gram iteration on
-the transfer matrices of a circular embedding) that is cheap for huge layers.
+the transfer matrices of a circular embedding) whose cost is fixed in advance: batched GEMMs,
+no convergence test, no operator of size ``N^2``.
 """
 
 from __future__ import annotations
@@ -717,8 +718,10 @@ def conv_spectral_norm_bound(
     ``||T||_2 <= ||G_t||_F^(1 / 2^t)``, ``G_0 = T``, ``G_{i+1} = G_i^H G_i`` (rescaled), which
     overestimates ``||T||_2`` by at most ``rank^(1 / 2^(t+1))`` (1.044 for rank 256 and
     ``t = 6``). Cost ``O(G N'1 N'2 n_iter c^3)`` for ``c = min(h', g' s1 s2)``, in chunks of
-    frequencies (bounded memory); no ``O(N^2)``-sized matrix. A relative margin of ``1e-12``
-    covers float64 rounding.
+    frequencies (bounded memory); no ``O(N^2)``-sized matrix, and no convergence test: at
+    ``g = h = 256``, ``N = 32`` it took 11.6 s on 2 CPU cores, within 0.1% of ``sigma_max``
+    (the iterative ``sigma_max`` took 9.1 s there; ``benchmarks/spectrum.py``). A relative margin
+    of ``1e-12`` covers float64 rounding.
 
     >>> w = torch.randn(8, 8, 3, 3, generator=torch.Generator().manual_seed(0))
     >>> bound = conv_spectral_norm_bound(w, 10)

@@ -93,10 +93,12 @@ def plot_histograms(rows: Sequence[LayerSpectrum], path: Path) -> None:
         series = [("reshaped kernel", r.reshaped_values)]
         if r.values is not None:
             series.append(("operator (exact)", r.values))
-        allv = torch.cat([v for _, v in series])
-        lo, hi = float(allv.min()), float(allv.max())
-        pad = max(0.05 * (hi - lo), 0.05 * max(hi, 1e-12))  # orthogonal kernels: all values 1
-        bins = np.linspace(lo - pad, hi + pad, 41)
+        allv = torch.cat([v for _, v in series]).tolist()
+        if r.sigma_max is not None:
+            allv += [r.sigma_max, r.sigma_min]
+        lo, hi = min(allv), max(allv)
+        pad = max(0.02 * (hi - lo), 0.05 * max(hi, 1e-12))  # orthogonal kernels: all values 1
+        bins = np.linspace(max(lo - pad, 0.0), hi + pad, 61)
         for label, v in series:
             # Fractions, not densities: a reshaped spectrum of equal values is one bar, not a spike.
             ax.hist(v.numpy(), bins=bins, weights=np.full(v.numel(), 1.0 / v.numel()),
@@ -106,6 +108,7 @@ def plot_histograms(rows: Sequence[LayerSpectrum], path: Path) -> None:
                 ax.axvline(v, color="C1", ls="--")
             ax.plot([], [], color="C1", ls="--", label="operator sigma_max / sigma_min")
         ax.set_yscale("log")
+        ax.set_ylim(top=1.5)
         ax.set_title(f"{where}: {r.name} ({'x'.join(map(str, r.weight_shape))}, "
                      f"input {r.input_size[0]}x{r.input_size[1]})", fontsize=9)
         ax.set_xlabel("singular value")

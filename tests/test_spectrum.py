@@ -353,3 +353,14 @@ def test_unconverged_iteration_is_reported():
     assert not res.converged and not res.exact
     ref = float(dense_values(w, 9)[0])
     assert res.sigma_max <= ref * (1 + 1e-12)  # a Ritz value never exceeds sigma_max
+
+
+def test_float32_weight_and_which_max():
+    w32 = rand(3, 3, 3, seed=17).float()
+    ref = dense_values(w32.double(), 6)  # the float32 weights, exactly, in float64
+    for method in ("dense", "iterative"):
+        res = conv_singular_values(w32, 6, which="max", method=method)
+        assert res.sigma_min is None and res.values is None
+        assert res.sigma_max == pytest.approx(float(ref[0]), rel=1e-6)
+    res = conv_singular_values(w32, 6, which="extremes")
+    assert res.sigma_min == pytest.approx(float(ref[-1]), rel=1e-9)

@@ -7,9 +7,20 @@ from .bounding import LayerBound, SingularValueBounding, SVBReport, bbn_, bound_
 from .descent import DescentResult, paper_step_size, penalty_descent
 from .init import delta_orthogonal_, orthogonal_
 from .operator import conv_operator
-from .penalty import frobenius_penalty, frobenius_penalty_grad_reference, frobenius_penalty_reference
+from .penalty import (
+    frobenius_penalty,
+    frobenius_penalty_grad_reference,
+    frobenius_penalty_reference,
+    spectral_penalty,
+)
 from .regularizer import FrobeniusRegularizer
-from .spectrum import extreme_singular_values
+from .spectrum import (
+    ConvSpectrum,
+    conv_singular_values,
+    conv_spectral_norm_bound,
+    extreme_singular_values,
+)
+from .report import LayerSpectrum, spectrum_report
 
 __all__ = [
     "ConvGeometry",
@@ -19,6 +30,12 @@ __all__ = [
     "frobenius_penalty_reference",
     "frobenius_penalty_grad_reference",
     "extreme_singular_values",
+    "spectral_penalty",
+    "ConvSpectrum",
+    "conv_singular_values",
+    "conv_spectral_norm_bound",
+    "LayerSpectrum",
+    "spectrum_report",
     "DescentResult",
     "paper_step_size",
     "penalty_descent",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -61,7 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_compare_parser(sub)
     _add_plot_parser(sub)
+    _add_spectrum_parser(sub)
     return parser
+
+
+def _add_spectrum_parser(sub) -> None:
+    sp = sub.add_parser(
+        "spectrum",
+        help="per-layer singular values of a model: reshaped kernels vs exact operators",
+        description="Run one forward pass to record each Conv2d's input size, then report the "
+        "extreme singular values of every reshaped kernel and of every true convolution operator "
+        "(exact: FFT, dense or converged iterative). Prints a table and writes DIR/spectrum.json, "
+        "DIR/spectrum_histograms.png (lower, middle, higher layers) and DIR/spectrum_extremes.png.",
+    )
+    sp.add_argument("model", metavar="CHECKPOINT_OR_MODEL_NAME",
+                    help="a checkpoint.pt of 'convspec train', or a name such as convnet-20, "
+                    "preact_resnet-68, wrn-28-10 (orthogonal init, --seed)")
+    sp.add_argument("--input-size", type=_positive_int, nargs=3, required=True,
+                    metavar=("C", "H", "W"), help="input channels, height and width")
+    sp.add_argument("--out", type=Path, default=Path("spectrum"), metavar="DIR",
+                    help="output folder (default: spectrum)")
+    sp.add_argument("--tol", type=_positive_float, default=1e-6,
+                    help="relative tolerance of iterative spectra (default 1e-6)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of a named model's init (default 0)")
+    sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _add_train_parser(sub) -> None:
@@ -230,6 +254,43 @@ def _run_plot(args, parser) -> int:
     return 0
 
 
+def _run_spectrum(args, parser) -> int:
+    from .experiments import spectrum_report as sr
+
+    if args.tol >= 1:
+        parser.error(f"--tol must be below 1, got {args.tol}")
+    c, h, w = args.input_size
+    path = Path(args.model)
+    named = sr.parse_model_name(args.model)
+    try:
+        if path.is_file():
+            model = sr.load_checkpoint_model(path, c)
+            source = str(path)
+        elif named is not None:
+            try:
+                model = sr.build_named_model(*named, in_channels=c, seed=args.seed)
+            except ValueError as exc:
+                parser.error(str(exc))
+            source = args.model
+        elif path.suffix or "/" in args.model or path.exists():
+            print(f"convspec spectrum: error: {path} is not a checkpoint file", file=sys.stderr)
+            return 1
+        else:
+            parser.error(
+                f"{args.model!r} is neither a file nor a model name such as convnet-20, "
+                "preact_resnet-68 or wrn-28-10"
+            )
+        sr.main(model, (c, h, w), args.out, source=source, tol=args.tol,
+                progress=not args.no_progress)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError,
+            pickle.UnpicklingError) as exc:
+        # Unreadable checkpoint, a state_dict that does not fit, or an input too small for the
+        # model: a message, not a traceback.
+        print(f"convspec spectrum: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -255,6 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run_compare(args, parser)
     if args.command == "plot":
         return _run_plot(args, parser)
+    if args.command == "spectrum":
+        return _run_spectrum(args, parser)
     parser.error("unknown command")  # pragma: no cover - argparse rejects it first
     return 2
 

@@ -50,6 +50,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/penalty.py --out benchmarks/results
 	$(PY) benchmarks/svb.py --out benchmarks/results
+	$(PY) benchmarks/spectrum.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

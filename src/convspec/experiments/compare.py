@@ -40,11 +40,11 @@ def operator_sigma_ranges(model: nn.Module, example_input: torch.Tensor) -> Dict
 
     A thin wrapper over :func:`convspec.spectrum_report` (one forward pass with hooks).
     """
-    from ..spectrum import spectrum_report
+    from ..report import spectrum_report
 
-    report = spectrum_report(model, example_input)
-    return {row.name: [row.operator_sigma_min, row.operator_sigma_max] for row in report
-            if row.operator_sigma_max is not None}
+    report = spectrum_report(model, example_input, keep_values=False)
+    return {row.name: [row.sigma_min, row.sigma_max] for row in report
+            if row.sigma_max is not None}
 
 
 def _finished(run: Path, epochs: int) -> bool:
@@ -90,14 +90,21 @@ def compare(
                 train(cfg, run, resume=resume, progress=progress, data=data)
             history = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
                        if ln.strip()][: cfg.epochs]
-            model = _trained_model(cfg, run, data.in_channels, data.num_classes)
+            cache = run / "operator_sigma.json"  # the spectra of the final checkpoint
+            cached = json.loads(cache.read_text()) if cache.is_file() else {}
+            if cached.get("epoch") == len(history):
+                operator = cached["ranges"]
+            else:
+                model = _trained_model(cfg, run, data.in_channels, data.num_classes)
+                operator = operator_sigma_ranges(model, example)
+                cache.write_text(json.dumps({"epoch": len(history), "ranges": operator}))
             runs.setdefault(method, []).append({
                 "seed": seed,
                 "run_dir": str(run),
                 "test_error": [r["test_error"] for r in history],
                 "train_time_s": sum(r["epoch_time_s"] for r in history),
                 "reshaped": history[-1]["sigma_reshaped"],
-                "operator": operator_sigma_ranges(model, example),
+                "operator": operator,
             })
 
     summary = {"config": asdict(base), "methods": list(methods), "seeds": list(seeds),

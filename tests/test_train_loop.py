@@ -96,6 +96,9 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     (["--depth", "21"], "6X\\+2"), (["--data", "mnist"], "invalid choice"),
     (["--method", "adam"], "invalid choice"), (["--epochs", "0"], "positive integer"),
     (["--model", "wrn", "--depth", "20"], "6n\\+4"), (["--width", "2"], "wrn only"),
+    (["--momentum", "-1"], "momentum"), (["--momentum", "0", "--nesterov"], "nesterov"),
+    (["--weight-decay", "-0.1"], "weight-decay"), (["--frob-weight", "inf"], "frob-weight"),
+    (["--device", "quantum"], "device"),
 ])
 def test_bad_flags_exit_2(tmp_path, capsys, flags, msg):
     with pytest.raises(SystemExit) as exc:
@@ -206,3 +209,26 @@ def test_named_config_files_are_valid(path):
 
     cfg = TrainConfig(**load_config_file(path))
     cfg.validate()
+
+
+def test_resume_refuses_another_configuration(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--method", "svb", "--epochs", "1", "--out", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    rc = main(["train", *TINY, "--method", "sgd", "--epochs", "2", "--out", str(run), "--resume"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "method: 'svb' -> 'sgd'" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
+    # --epochs may change.
+    assert main(["train", *TINY, "--method", "svb", "--epochs", "2", "--out", str(run), "--resume"]) == 0
+    assert len(_metrics(run)) == 2
+
+
+def test_compare_refuses_a_run_of_another_configuration(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["train", *TINY, "--method", "sgd", "--epochs", "1", "--lr", "0.2",
+                 "--out", str(out / "sgd-seed0")]) == 0
+    rc = main(["compare", *TINY, "--methods", "sgd", "--seeds", "0", "--epochs", "1",
+               "--out", str(out)])
+    assert rc == 1 and "lr: 0.2 -> 0.05" in capsys.readouterr().err

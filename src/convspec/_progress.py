@@ -10,13 +10,17 @@ class _NullBar:
     def update(self, n: int = 1) -> None:
         pass
 
-    def set_postfix_str(self, s: str) -> None:
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
         pass
 
 
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str, enabled: bool = True):
-    """Yield an object with ``update(n)`` and ``set_postfix_str(s)``; tqdm when available."""
+    """Yield an object with ``update(n)`` and ``set_postfix_str(s, refresh)``; tqdm when available.
+
+    Pass ``refresh=False`` to ``set_postfix_str`` in loops: the text is then shown at the next
+    redraw, which tqdm rate-limits (a forced refresh would write a line per step into logs).
+    """
     if not enabled:
         yield _NullBar()
         return

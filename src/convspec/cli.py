@@ -203,7 +203,7 @@ def _run_train(args, parser) -> int:
     cfg = _config_from_args(args, parser)
     try:
         train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError, DataError) as exc:
+    except (FileNotFoundError, FileExistsError, DataError, ValueError) as exc:
         print(f"convspec train: error: {exc}", file=sys.stderr)
         return 1
     except NonFiniteLoss as exc:

@@ -202,6 +202,8 @@ def penalty_descent(
                 callback(it, result)
             bar.update(1)
             if track_spectrum:
-                bar.set_postfix_str(f"R={float(r):.3g} smax={smax:.3f} smin={smin:.3f}")
+                bar.set_postfix_str(
+                    f"R={float(r):.3g} smax={smax:.3f} smin={smin:.3f}", refresh=False
+                )
     result.weight = k
     return result

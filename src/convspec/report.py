@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -106,11 +107,14 @@ def spectrum_report(
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError("model has no nn.Conv2d layer")
-    sizes = {}
+    sizes, repeated = {}, set()
 
     def record(name):
         def hook(module, inputs):
-            sizes.setdefault(name, tuple(inputs[0].shape[-2:]))  # returns None: inputs unchanged
+            size = tuple(inputs[0].shape[-2:])
+            if sizes.setdefault(name, size) != size:
+                repeated.add(name)
+            # returns None: inputs unchanged
 
         return hook
 
@@ -124,6 +128,13 @@ def spectrum_report(
         model.train(was_training)
         for h in hooks:
             h.remove()
+    missed = [name for name, _ in convs if name not in sizes]
+    if missed:
+        warnings.warn(f"spectrum_report: conv layer(s) {missed} were not reached by the forward "
+                      "pass and are left out", stacklevel=2)
+    if repeated:
+        warnings.warn(f"spectrum_report: conv layer(s) {sorted(repeated)} saw several input "
+                      "sizes; each is reported at the first one", stacklevel=2)
     rows = []
     with progress_bar(len(convs), "spectrum", enabled=progress) as bar:
         for name, conv in convs:

@@ -87,6 +87,18 @@ def _group_weights(weight: torch.Tensor, geom: ConvGeometry) -> Tuple[torch.Tens
     return w, replace(geom, out_channels=h // G, in_channels=gg, groups=1)
 
 
+def _without_idle_wrap(geom: ConvGeometry) -> ConvGeometry:
+    """``geom`` with circular axes that have no padding marked non-circular.
+
+    Without padding no tap leaves ``[0, N)``, so nothing wraps and the axis is the zero-padded
+    one; the banded Gram of the iterative route then keeps its band instead of one dense block.
+    """
+    axes = tuple(replace(ax, circular=False) if ax.circular and not (ax.pad_lo or ax.pad_hi)
+                 else ax for ax in geom.axes)
+    mode = geom.padding_mode if any(ax.circular for ax in axes) else "zeros"
+    return replace(geom, axes=axes, padding_mode=mode)
+
+
 def _fft_applicable(geom: ConvGeometry) -> Optional[str]:
     """``None`` if the FFT route is exact for ``geom``, else the reason it is not."""
     if geom.padding_mode != "circular":
@@ -679,7 +691,7 @@ def conv_singular_values(
                 "use 'dense' or 'fft' for all singular values"
             )
         gen = torch.Generator().manual_seed(seed)
-        return _iterative(wg, geom, which, tol, max_bytes, max_products, gen)
+        return _iterative(wg, _without_idle_wrap(geom), which, tol, max_bytes, max_products, gen)
     values = _fft_values(wg, geom1) if method == "fft" else _dense_values(wg, geom1, max_bytes)
     return ConvSpectrum(
         sigma_max=float(values[0]),

@@ -22,7 +22,7 @@ from torch import nn
 
 from .._provenance import environment
 from ..train.data import load_dataset, normalize
-from ..train.loop import TrainConfig, train
+from ..train.loop import TrainConfig, config_differences, train
 from ..train.models import build_model
 
 #: Columns of the printed table.
@@ -47,11 +47,20 @@ def operator_sigma_ranges(model: nn.Module, example_input: torch.Tensor) -> Dict
             if row.sigma_max is not None}
 
 
-def _finished(run: Path, epochs: int) -> bool:
-    metrics = run / "metrics.jsonl"
-    if not (run / "checkpoint.pt").is_file() or not metrics.is_file():
+def _finished(run: Path, cfg: TrainConfig) -> bool:
+    """Whether ``run`` holds a finished run of exactly ``cfg``; raise if it holds another one."""
+    metrics, config = run / "metrics.jsonl", run / "config.json"
+    if not (run / "checkpoint.pt").is_file() or not metrics.is_file() or not config.is_file():
         return False
-    return len([ln for ln in metrics.read_text().splitlines() if ln.strip()]) >= epochs
+    diffs = config_differences(json.loads(config.read_text())["config"], cfg)
+    if diffs:
+        raise ValueError(f"{run} holds a run of another configuration ({'; '.join(diffs)}); "
+                         "choose another --out")
+    done = len([ln for ln in metrics.read_text().splitlines() if ln.strip()])
+    if done > cfg.epochs:
+        raise ValueError(f"{run} holds {done} epochs, more than --epochs {cfg.epochs}; "
+                         "choose another --out")
+    return done == cfg.epochs
 
 
 def _trained_model(cfg: TrainConfig, run: Path, in_channels: int, num_classes: int) -> nn.Module:
@@ -82,14 +91,14 @@ def compare(
             cfg = replace(base, method=method, seed=seed)
             cfg.validate()
             run = out / f"{method}-seed{seed}"
-            if not _finished(run, cfg.epochs):
+            if not _finished(run, cfg):
                 resume = (run / "checkpoint.pt").is_file()
                 if progress:
                     print(f"== {method}, seed {seed}: {'resuming' if resume else 'training'} "
                           f"into {run}", flush=True)
                 train(cfg, run, resume=resume, progress=progress, data=data)
             history = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
-                       if ln.strip()][: cfg.epochs]
+                       if ln.strip()]
             cache = run / "operator_sigma.json"  # the spectra of the final checkpoint
             cached = json.loads(cache.read_text()) if cache.is_file() else {}
             if cached.get("epoch") == len(history):
@@ -135,8 +144,8 @@ def format_table(summary: Dict) -> str:
         rs, op = res["reshaped_sigma"], res["operator_sigma"]
         lines.append(
             f"| {method} | {len(res['runs'])} | {100 * err['mean']:.2f} +/- {100 * err['std']:.2f} "
-            f"| {t['mean']:.0f} +/- {t['std']:.0f} | [{rs[0]:.3f}, {rs[1]:.3f}] "
-            f"| [{op[0]:.3f}, {op[1]:.3f}] |"
+            f"| {t['mean']:.0f} +/- {t['std']:.0f} | [{rs[0]:.3g}, {rs[1]:.3g}] "
+            f"| [{op[0]:.2g}, {op[1]:.3g}] |"
         )
     return "\n".join(lines)
 
@@ -147,6 +156,7 @@ def plot_comparison(summary: Dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, res in summary["results"].items():
@@ -157,7 +167,10 @@ def plot_comparison(summary: Dict, path: Path) -> None:
         ax.plot(epochs, mean, marker="o", ms=3, label=f"{method} ({curves.shape[0]} seeds)")
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     cfg = summary["config"]
-    ax.set_title(f"{cfg['model']}-{cfg['depth']} on {cfg['data']}: test error, mean +/- std")
+    subset = f", {cfg['n_train']} training images" if cfg.get("n_train") else ""
+    ax.set_title(f"{cfg['model']}-{cfg['depth']} on {cfg['data']}{subset}: test error, "
+                 "mean +/- std", fontsize=10)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     ax.grid(alpha=0.3)

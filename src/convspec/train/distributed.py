@@ -75,6 +75,24 @@ def sync_buffers(model: nn.Module, ctx: DistContext) -> None:
             dist.broadcast(buf, src=0)
 
 
+def any_flags(ctx: DistContext, *flags: bool) -> tuple:
+    """Each flag OR-ed over all ranks (one small all-reduce; local when not distributed)."""
+    if ctx.world_size <= 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], device=ctx.device)
+    dist.all_reduce(t)
+    return tuple(bool(v > 0) for v in t.tolist())
+
+
+def sum_over_ranks(ctx: DistContext, values: list) -> list:
+    """``values`` summed over all ranks (float64), e.g. an epoch's loss and accuracy counts."""
+    if ctx.world_size <= 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def cleanup(ctx: DistContext) -> None:
     if ctx.initialized_here and dist.is_initialized():
         dist.destroy_process_group()

@@ -79,7 +79,14 @@ class TrainConfig:
             (self.lr_hold >= 1, "--lr-hold must be >= 1"),
             (self.eps > 0 and self.bbn_eps > 0, "--eps and --bbn-eps must be > 0"),
             (self.svb_every is None or self.svb_every >= 1, "--svb-every must be >= 1"),
-            (self.frob_weight >= 0, "--frob-weight must be >= 0"),
+            (self.frob_weight >= 0 and math.isfinite(self.frob_weight),
+             "--frob-weight must be finite and >= 0"),
+            (self.frob_alpha > 0 and math.isfinite(self.frob_alpha), "--frob-alpha must be > 0"),
+            (math.isfinite(self.eps) and math.isfinite(self.bbn_eps), "--eps and --bbn-eps must be finite"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (not self.nesterov or self.momentum > 0, "--nesterov needs --momentum > 0"),
+            (self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+             "--weight-decay must be finite and >= 0"),
             (self.n_train is None or self.n_train >= 1, "--n-train must be >= 1"),
             (self.n_test is None or self.n_test >= 1, "--n-test must be >= 1"),
         ]
@@ -92,6 +99,28 @@ class TrainConfig:
             raise ValueError(f"--depth for wrn must be 6n+4 (10, 16, 22, 28, ...), got {self.depth}")
         if self.model != "wrn" and self.width != 1:
             raise ValueError("--width applies to --model wrn only")
+        if self.device != "auto":
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"--device {self.device!r} is not a device (cpu, cuda, cuda:1, auto)") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")
+            if dev.type not in ("cpu", "cuda"):
+                raise ValueError(f"--device {self.device!r}: only cpu and cuda are supported")
+
+
+#: Fields a resumed run may change; any other difference from the checkpoint's config is refused.
+#: A different ``epochs`` stretches the learning-rate schedule (it depends on the total).
+RESUME_MAY_DIFFER = ("epochs", "device", "data_dir")
+
+
+def config_differences(stored: Dict, cfg: "TrainConfig") -> List[str]:
+    """``field: stored -> now`` for every field of ``cfg`` (but :data:`RESUME_MAY_DIFFER`) that
+    differs from the stored config dict."""
+    now = asdict(cfg)
+    return [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in now.items()
+            if k not in RESUME_MAY_DIFFER and stored.get(k) != v]
 
 
 def load_config_file(path: Path) -> Dict:
@@ -199,8 +228,6 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     out = Path(out)
     ckpt_path = out / "checkpoint.pt"
     metrics_path = out / "metrics.jsonl"
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     if resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     if not resume and ckpt_path.exists():
@@ -208,6 +235,18 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
             f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or "
             "choose another --out"
         )
+    state = None
+    if resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        diffs = config_differences(state.get("config", {}), cfg)
+        if diffs:
+            raise ValueError(
+                f"--resume: {out} was trained with another configuration ({'; '.join(diffs)}); "
+                "resume with the same flags (only --epochs and --device may change) or choose "
+                "another --out"
+            )
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     # Every rank has checked the run directory before rank 0 writes into it.
     dist_utils.barrier(ctx)
 
@@ -235,8 +274,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # shuffling and augmentation
 
     start_epoch, history = 0, []
-    if resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if svb is not None and state.get("svb") is not None:
@@ -283,14 +321,21 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                         lr = learning_rate(cfg, epoch, i / iters_per_epoch)
                     for group in opt.param_groups:
                         group["lr"] = lr
-                    if augment:
+                    x, y = x.to(device), y.to(device)
+                    if augment:  # in whole batches on the training device
                         x = random_crop_flip(x, 4, gen)
-                    x = normalize(x.to(device), data.mean, data.std)
-                    y = y.to(device)
+                    x = normalize(x, data.mean, data.std)
                     logits = net(x)
                     loss = F.cross_entropy(logits, y)
                     total = loss + cfg.frob_weight * reg() if reg is not None else loss
-                    if not bool(torch.isfinite(total.detach())):
+                    # Every rank stops together (before DDP's backward collective) when any rank
+                    # sees a non-finite loss or an interrupt.
+                    bad, stop = dist_utils.any_flags(
+                        ctx, not bool(torch.isfinite(total.detach())), interrupted["flag"]
+                    )
+                    if stop:
+                        raise KeyboardInterrupt
+                    if bad:
                         raise NonFiniteLoss(
                             f"loss became {float(total.detach())} at epoch {epoch + 1}, iteration {i + 1}; "
                             f"the last good checkpoint (end of epoch {epoch}) is kept in {ckpt_path}. "
@@ -305,9 +350,9 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                     total_correct += int((logits.argmax(1) == y).sum())
                     seen += y.shape[0]
                     bar.update(1)
-                    bar.set_postfix_str(f"loss {float(loss.detach()):.3f}")
-                    if interrupted["flag"]:
-                        raise KeyboardInterrupt
+                    bar.set_postfix_str(f"loss {float(loss.detach()):.3f}", refresh=False)
+            total_loss, total_correct, seen = dist_utils.sum_over_ranks(
+                ctx, [total_loss, total_correct, seen])
             dist_utils.sync_buffers(model, ctx)
             test_loss, test_error = evaluate(model, data, device)
             row = {

@@ -8,6 +8,8 @@ from ._geometry import IntPair, Padding, check_finite, conv2d, conv_geometry
 
 #: Default cap on the size of a dense operator, in bytes (raise it with ``max_bytes=``).
 DEFAULT_MAX_BYTES = 2 * 1024**3
+#: Working memory for one chunk of basis vectors (Note [chunking]), in bytes.
+_WORKSPACE = 256 * 1024**2
 
 
 def conv_operator(
@@ -36,7 +38,8 @@ def conv_operator(
 
     ``M`` is built by pushing the identity basis through ``F.conv2d`` in chunks, so it is exact
     and differentiable with respect to ``weight``. It costs ``O(h g N^4)`` memory: the call
-    refuses, before allocating anything, when ``M`` would exceed ``max_bytes``.
+    refuses, before allocating anything, when ``M`` would exceed ``max_bytes``; beyond ``M``
+    itself the chunks use about 256 MiB.
 
     >>> w = torch.randn(2, 3, 3, 3, dtype=torch.float64)
     >>> M = conv_operator(w, 5)
@@ -69,13 +72,17 @@ def conv_operator(
             "pass a larger max_bytes, or use the structured functions that never form it"
         )
     n1, n2 = geom.input_size
-    # Push at most ~n_in rows of identity per chunk so that peak memory stays near the size of M.
-    chunk = max(1, min(geom.n_in, max_bytes // max(1, (geom.n_in + geom.n_out) * elem)))
-    cols = []
+    (k1, k2), (p1, p2) = geom.kernel_size, geom.output_size
+    # Note [chunking]: each chunk of basis vectors costs its own rows (n_in), its outputs (n_out)
+    # and the convolution's unfolded input (g k1 k2 P1 P2 per vector on the CPU). Bounding all
+    # three by _WORKSPACE keeps the peak near the size of M itself, which is filled in place.
+    per_vector = elem * (geom.n_in + geom.n_out + geom.in_channels * k1 * k2 * p1 * p2)
+    chunk = max(1, min(geom.n_in, _WORKSPACE // per_vector))
+    m = torch.empty(geom.n_out, geom.n_in, dtype=weight.dtype, device=weight.device)
     for start in range(0, geom.n_in, chunk):
         stop = min(geom.n_in, start + chunk)
         basis = torch.zeros(stop - start, geom.n_in, dtype=weight.dtype, device=weight.device)
         basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
         out = conv2d(basis.view(-1, geom.in_channels, n1, n2), weight, geom)
-        cols.append(out.reshape(stop - start, geom.n_out))
-    return torch.cat(cols, dim=0).T
+        m[:, start:stop] = out.reshape(stop - start, geom.n_out).T
+    return m

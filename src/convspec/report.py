@@ -60,7 +60,9 @@ class LayerSpectrum:
         return d
 
 
-def _reshaped_values(weight: torch.Tensor, groups: int) -> torch.Tensor:
+def reshaped_values(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Singular values (float64, descending) of ``weight`` read as ``groups`` matrices
+    ``(out // groups) x (in // groups * prod(kernel))``: the reshaped kernel SVB bounds."""
     h = weight.shape[0]
     mats = weight.detach().to(torch.float64).cpu().reshape(groups, h // groups, -1)
     return torch.sort(torch.linalg.svdvals(mats).reshape(-1), descending=True).values
@@ -142,7 +144,7 @@ def spectrum_report(
             if name not in sizes:
                 continue  # not reached by the forward pass
             w = conv.weight
-            reshaped = _reshaped_values(w, conv.groups)
+            reshaped = reshaped_values(w, conv.groups)
             padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
             mode = conv.padding_mode
             supported = mode in ("zeros", "circular")

@@ -21,6 +21,7 @@ from .._provenance import environment
 from ..bounding import SingularValueBounding
 from ..init import orthogonal_
 from ..regularizer import FrobeniusRegularizer
+from ..report import reshaped_values
 from . import distributed as dist_utils
 from .data import DATASETS, Dataset, iterate_batches, load_dataset, normalize, random_crop_flip
 from .models import MODELS, build_model
@@ -168,11 +169,8 @@ def reshaped_sigma_ranges(model: nn.Module) -> Dict[str, List[float]]:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            w = m.weight.detach().double()
-            groups = m.groups if isinstance(m, nn.Conv2d) else 1
-            mats = w.reshape(groups, w.shape[0] // groups, -1)
-            s = torch.linalg.svdvals(mats)
-            out[name] = [float(s.min()), float(s.max())]
+            s = reshaped_values(m.weight, m.groups if isinstance(m, nn.Conv2d) else 1)
+            out[name] = [float(s[-1]), float(s[0])]
     return out
 
 

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convspec",
         description="Exact control of the singular values of convolutional layers.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"convspec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -291,9 +294,32 @@ def _run_spectrum(args, parser) -> int:
     return 0
 
 
+# Subcommands that write PNG plots: they need matplotlib, checked before any work starts so that
+# a pip install without the extra fails in a second, not after a training run.
+_PLOTTING_COMMANDS = ("reproduce", "compare", "plot", "spectrum")
+CLI_EXTRA_HINT = "pip install 'convspec[cli]'"
+
+
+def _missing_plotting(command: str) -> Optional[str]:
+    """The one-line error for ``command`` when matplotlib is not importable, else None."""
+    if command not in _PLOTTING_COMMANDS:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return None
+    return (
+        f"'convspec {command}' writes PNG plots and needs matplotlib, which is not installed; "
+        f"install the CLI extra: {CLI_EXTRA_HINT}"
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = _missing_plotting(args.command)
+    if missing is not None:
+        parser.exit(2, f"convspec: error: {missing}\n")
     if args.command == "reproduce" and args.experiment == "guo-fig41":
         from .experiments import guo_fig41
 

@@ -112,7 +112,7 @@ def plot(record: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - matplotlib is in the default extras
         raise RuntimeError(
-            "plotting needs matplotlib: pip install 'convspec[plots]'"
+            "plotting needs matplotlib: pip install 'convspec[cli]'"
         ) from exc
     cfg = record["config"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))

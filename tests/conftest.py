@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-# Run by tests under torchrun, not a test module (it needs RANK etc. in the environment).
-collect_ignore = ["_ddp_train_worker.py"]
+# Scripts that tests run as subprocesses (under torchrun, or killed on purpose), not test modules.
+collect_ignore = ["_ddp_train_worker.py", "_kill_train_worker.py"]
 
 
 @pytest.fixture(autouse=True)

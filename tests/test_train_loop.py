@@ -30,7 +30,7 @@ def test_cli_trains_every_method(tmp_path, method):
     (row,) = _metrics(run)
     assert {"train_loss", "train_accuracy", "test_error", "epoch_time_s", "lr", "sigma_reshaped"} <= set(row)
     assert 0.0 <= row["test_error"] <= 1.0
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1
     if method in ("svb", "svb+bbn"):  # bounded once at the end of the epoch (once per epoch)
         for lo, hi in row["sigma_reshaped"].values():
@@ -45,8 +45,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     full, part = _metrics(tmp_path / "full"), _metrics(tmp_path / "part")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
     assert strip(full) == strip(part)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -65,7 +65,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "loss became" in err and "last good checkpoint" in err
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                       if v.is_floating_point())
 
@@ -85,7 +85,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "--resume" in err
-    done = torch.load(run / "checkpoint.pt", weights_only=False)["epoch"]
+    done = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
     assert 1 <= done < 200 and len(_metrics(run)) == done
     assert main(["train", *TINY, "--n-train", "512", "--epochs", str(done + 1), "--out", str(run),
                  "--resume"]) == 0
@@ -160,6 +160,8 @@ def test_torchrun_module_cli(tmp_path):
     assert len(_metrics(tmp_path / "cli")) == 1
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert cfg["world_size"] == 2
+    # Rank 0 alone took the lock (a second rank would have found it taken) and released it.
+    assert (tmp_path / "cli" / ".lock").read_text() == ""
 
 
 def test_compare_methods_over_seeds(tmp_path, capsys):
@@ -183,7 +185,7 @@ def test_compare_methods_over_seeds(tmp_path, capsys):
 
     run = summary["results"]["svb+bbn"]["runs"][0]
     model = build_model("convnet", 8, 1, num_classes=4, in_channels=1)
-    model.load_state_dict(torch.load(out / "svb+bbn-seed0" / "checkpoint.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(out / "svb+bbn-seed0" / "checkpoint.pt", weights_only=True)["model"])
     conv = model.features[0]
     smax, smin = extreme_singular_values(conv.weight, 16, padding=conv.padding)
     assert run["operator"]["features.0"] == pytest.approx([smin, smax], rel=1e-6)

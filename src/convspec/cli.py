@@ -96,9 +96,13 @@ def _add_train_parser(sub) -> None:
         "train",
         help="train a network with SGD, SVB, SVB+BBN or the Frobenius penalty",
         description="Train a ConvNet / pre-activation ResNet / Wide ResNet. Defaults follow Jia "
-        "et al. (2017); precedence: built-in defaults < --config file < flags. Metrics go to "
-        "RUN_DIR/metrics.jsonl, the resolved config to RUN_DIR/config.json, and an atomic "
-        "checkpoint to RUN_DIR/checkpoint.pt after every epoch.",
+        "et al. (2017); precedence: built-in defaults < --config file < flags. After every epoch "
+        "RUN_DIR/checkpoint.pt is replaced atomically, then RUN_DIR/metrics.jsonl and "
+        "RUN_DIR/config.json (the resolved config) are rewritten from it; a kill at any moment "
+        "followed by --resume ends with the files of an uninterrupted run. One process at a "
+        "time trains into a RUN_DIR (a lock; a second one stops at once). --resume continues "
+        "up to --epochs with the same flags and number of processes: only --epochs (not below "
+        "the completed epochs; equal: nothing to do) and --device may change.",
     )
     _add_config_arguments(tr, compare=False)
 
@@ -141,7 +145,9 @@ def _add_config_arguments(tr, *, compare: bool) -> None:
     else:
         a("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
         a("--seed", type=int, help="random seed (default 0)")
-        a("--resume", action="store_true", help="continue the run in RUN_DIR up to --epochs")
+        a("--resume", action="store_true",
+          help="continue the run in RUN_DIR up to --epochs; only --epochs (>= the completed "
+          "epochs) and --device may differ from its flags")
     a("--config", type=Path, help="TOML file of TrainConfig fields (e.g. configs/*.toml)")
     a("--batch-size", type=_positive_int)
     a("--lr", type=_positive_float, help="initial learning rate (default 0.5)")
@@ -172,7 +178,8 @@ def _add_config_arguments(tr, *, compare: bool) -> None:
 def _add_plot_parser(sub) -> None:
     pl = sub.add_parser("plot", help="plot validation curves of several runs on one figure")
     pl.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
-    pl.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG file (default curves.png)")
+    pl.add_argument("--out", type=Path, default=Path("curves.png"),
+                    help="figure file; .png is added when it has no extension (default curves.png)")
     pl.add_argument("--metric", default="test_error",
                     choices=("test_error", "test_loss", "train_loss", "train_accuracy"))
 
@@ -200,44 +207,54 @@ def _config_from_args(args, parser, **override):
 
 
 def _run_train(args, parser) -> int:
-    from .train.data import DataError
-    from .train.loop import NonFiniteLoss, train
+    from .train.loop import Interrupted, NonFiniteLoss, train
 
     cfg = _config_from_args(args, parser)
     try:
-        train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError, DataError, ValueError) as exc:
-        print(f"convspec train: error: {exc}", file=sys.stderr)
-        return 1
+        result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     except NonFiniteLoss as exc:
         print(f"convspec train: stopped: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"convspec train: interrupted; the checkpoint of the last completed epoch is in "
-              f"{args.out / 'checkpoint.pt'}: continue with --resume", file=sys.stderr)
+    except Interrupted as exc:
+        if exc.checkpoint_epoch is None:
+            print("convspec train: interrupted before the first checkpoint; nothing to resume: "
+                  "run the same command again (without --resume)", file=sys.stderr)
+        else:
+            print(f"convspec train: interrupted; {args.out / 'checkpoint.pt'} holds epoch "
+                  f"{exc.checkpoint_epoch}: continue with --resume", file=sys.stderr)
         return 130
+    if args.resume and result.start_epoch == cfg.epochs:
+        print(f"convspec train: {args.out} already holds all {cfg.epochs} epochs; nothing to do "
+              "(pass a larger --epochs to train on)", file=sys.stderr)
     return 0
 
 
 def _run_compare(args, parser) -> int:
+    import warnings
+
     from .experiments.compare import compare, format_table
-    from .train.data import DataError
     from .train.loop import NonFiniteLoss
 
-    # Validate every method against the shared flags before anything runs.
+    # Validate every run's config against the shared flags before anything runs.
     cfg = _config_from_args(args, parser)
     for method in args.methods:
-        _config_from_args(args, parser, method=method)
+        for seed in args.seeds:
+            _config_from_args(args, parser, method=method, seed=seed)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"convspec compare: warning: {message}", file=sys.stderr)
+
     try:
-        summary = compare(cfg, args.methods, args.seeds, args.out, progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError, DataError, ValueError) as exc:
-        print(f"convspec compare: error: {exc}", file=sys.stderr)
-        return 1
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            summary = compare(cfg, args.methods, args.seeds, args.out,
+                              progress=not args.no_progress)
     except NonFiniteLoss as exc:
         print(f"convspec compare: stopped: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"convspec compare: interrupted; run the same command again to resume", file=sys.stderr)
+        print("convspec compare: interrupted; run the same command again to resume",
+              file=sys.stderr)
         return 130
     print(format_table(summary))
     print(f"wrote {args.out / 'summary.json'}, {args.out / 'summary.md'}, "
@@ -248,12 +265,26 @@ def _run_compare(args, parser) -> int:
 def _run_plot(args, parser) -> int:
     from .train.plots import plot_runs
 
-    try:
-        plot_runs(args.runs, args.out, metric=args.metric)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"convspec plot: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}")
+    path = plot_runs(args.runs, args.out, metric=args.metric)
+    print(f"wrote {path}")
+    return 0
+
+
+def _run_guo_fig41(args, parser) -> int:
+    from .experiments import guo_fig41
+
+    if args.size > 48:
+        parser.error(f"--size {args.size} is too large for the dense spectrum (at most 48)")
+    config = guo_fig41.Fig41Config(
+        steps=args.steps,
+        size=args.size,
+        seed=args.seed,
+        init=args.init,
+        step_rule=args.step_rule,
+        lr=args.lr,
+        alpha=args.alpha,
+    )
+    guo_fig41.main(config, args.out, progress=not args.no_progress)
     return 0
 
 
@@ -289,7 +320,10 @@ def _run_spectrum(args, parser) -> int:
             pickle.UnpicklingError) as exc:
         # Unreadable checkpoint, a state_dict that does not fit, or an input too small for the
         # model: a message, not a traceback.
-        print(f"convspec spectrum: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        from .train.rundir import RunDirError
+
+        what = "" if isinstance(exc, (RunDirError, OSError)) else f"{type(exc).__name__}: "
+        print(f"convspec spectrum: error: {what}{_user_error(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -314,38 +348,36 @@ def _missing_plotting(command: str) -> Optional[str]:
     )
 
 
+def _user_error(exc: BaseException) -> str:
+    """One line for an expected failure: a path that cannot be used, a bad file, a bad config."""
+    from .train.rundir import one_line
+
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return one_line(exc) or type(exc).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from .train.data import DataError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     missing = _missing_plotting(args.command)
     if missing is not None:
         parser.exit(2, f"convspec: error: {missing}\n")
-    if args.command == "reproduce" and args.experiment == "guo-fig41":
-        from .experiments import guo_fig41
-
-        if args.size > 48:
-            parser.error(f"--size {args.size} is too large for the dense spectrum (at most 48)")
-        config = guo_fig41.Fig41Config(
-            steps=args.steps,
-            size=args.size,
-            seed=args.seed,
-            init=args.init,
-            step_rule=args.step_rule,
-            lr=args.lr,
-            alpha=args.alpha,
-        )
-        guo_fig41.main(config, args.out, progress=not args.no_progress)
-        return 0
-    if args.command == "train":
-        return _run_train(args, parser)
-    if args.command == "compare":
-        return _run_compare(args, parser)
-    if args.command == "plot":
-        return _run_plot(args, parser)
-    if args.command == "spectrum":
-        return _run_spectrum(args, parser)
-    parser.error("unknown command")  # pragma: no cover - argparse rejects it first
-    return 2
+    commands = {"train": _run_train, "compare": _run_compare, "plot": _run_plot,
+                "spectrum": _run_spectrum, "reproduce": _run_guo_fig41}
+    name = args.command if args.command != "reproduce" else f"reproduce {args.experiment}"
+    try:
+        return commands[args.command](args, parser)
+    except (OSError, ValueError, DataError, EOFError, pickle.UnpicklingError) as exc:
+        # Expected user errors (a path that cannot be used, a corrupt or crafted file, a run
+        # directory in use or of another config): one line, never a traceback.
+        print(f"convspec {name}: error: {_user_error(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"convspec {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

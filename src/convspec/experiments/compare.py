@@ -1,21 +1,21 @@
 """Compare training methods over several seeds: SGD vs SVB(+BBN) vs the Frobenius penalty.
 
 One :class:`~convspec.train.loop.TrainConfig` (defaults, a config file, flags) is trained once
-per method and seed into ``OUT/<method>-seed<S>``; a run directory that already holds a finished
-run is reused, an unfinished one is resumed. Then, per method, the final test error and the
-training time as mean +/- std over seeds, and the singular value ranges of the trained layers:
-of the reshaped kernels (what SVB bounds) and of the true convolution operators at the input
-size each layer sees (what the Frobenius penalty acts on). Writes ``OUT/summary.json``,
+per method and seed into ``OUT/<method>-seed<S>`` (a repeated method or seed counts once); a
+run directory whose checkpoint has all epochs is reused, one with fewer is resumed. Then, per
+method, the final test error and the training time as mean +/- std over seeds, and the singular
+value ranges of the trained layers: of the reshaped kernels (what SVB bounds) and of the true
+convolution operators at the input size each layer sees (what the Frobenius penalty acts on). Writes ``OUT/summary.json``,
 ``OUT/summary.md`` and ``OUT/test_error.png`` (mean +/- std over seeds, per epoch).
 """
 
 from __future__ import annotations
 
-import json
 import statistics
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from .._provenance import environment
 from ..train.data import load_dataset, normalize
 from ..train.loop import TrainConfig, config_differences, train
 from ..train.models import build_model
+from ..train.rundir import RunDir, RunDirError, make_output_dir, write_json
 
 #: Columns of the printed table.
 HEADER = ("method", "seeds", "test error (%)", "time / run (s)", "reshaped sigma [min, max]",
@@ -47,27 +48,36 @@ def operator_sigma_ranges(model: nn.Module, example_input: torch.Tensor) -> Dict
             if row.sigma_max is not None}
 
 
-def _finished(run: Path, cfg: TrainConfig) -> bool:
-    """Whether ``run`` holds a finished run of exactly ``cfg``; raise if it holds another one."""
-    metrics, config = run / "metrics.jsonl", run / "config.json"
-    if not (run / "checkpoint.pt").is_file() or not metrics.is_file() or not config.is_file():
-        return False
-    diffs = config_differences(json.loads(config.read_text())["config"], cfg)
+def _epochs_done(run: RunDir, cfg: TrainConfig) -> Optional[int]:
+    """The epochs ``run`` has completed of exactly ``cfg`` (its checkpoint is the truth; None: no
+    run yet); raise if it holds another configuration or more than ``cfg.epochs`` epochs."""
+    if not run.has_checkpoint():
+        return None
+    state = run.load(mmap=True)
+    diffs = config_differences(state["config"], cfg)
     if diffs:
-        raise ValueError(f"{run} holds a run of another configuration ({'; '.join(diffs)}); "
-                         "choose another --out")
-    done = len([ln for ln in metrics.read_text().splitlines() if ln.strip()])
-    if done > cfg.epochs:
-        raise ValueError(f"{run} holds {done} epochs, more than --epochs {cfg.epochs}; "
-                         "choose another --out")
-    return done == cfg.epochs
+        raise RunDirError(f"{run.path} holds a run of another configuration ({'; '.join(diffs)}); "
+                          "choose another --out")
+    if state["epoch"] > cfg.epochs:
+        raise RunDirError(f"{run.path} holds {state['epoch']} epochs, more than --epochs "
+                          f"{cfg.epochs}; choose another --out")
+    return state["epoch"]
 
 
-def _trained_model(cfg: TrainConfig, run: Path, in_channels: int, num_classes: int) -> nn.Module:
+def _trained_model(cfg: TrainConfig, state: Dict, in_channels: int, num_classes: int) -> nn.Module:
     model = build_model(cfg.model, cfg.depth, cfg.width, num_classes, in_channels)
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def _unique(values: Sequence, flag: str) -> List:
+    """``values`` without repeats (first occurrence kept); warn about the repeats."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=unique.index)
+        warnings.warn(f"{flag} lists {', '.join(map(str, repeated))} more than once; each "
+                      "runs and counts once", stacklevel=3)
+    return unique
 
 
 def compare(
@@ -81,42 +91,42 @@ def compare(
     """Train ``base`` with every method and seed into ``out``; return (and write) the summary."""
     if not methods or not seeds:
         raise ValueError("compare needs at least one method and one seed")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    methods, seeds = _unique(list(methods), "--methods"), _unique(list(seeds), "--seeds")
+    configs = {(m, s): replace(base, method=m, seed=s) for m in methods for s in seeds}
+    for cfg in configs.values():  # every run's config is valid before anything is written
+        cfg.validate()
+    out = make_output_dir(Path(out))
     data = load_dataset(base.data, base.data_dir, seed=base.seed)
     example = normalize(data.x_test[:1], data.mean, data.std)  # sets each conv's input size
     runs: Dict[str, List[Dict]] = {}
-    for method in methods:
-        for seed in seeds:
-            cfg = replace(base, method=method, seed=seed)
-            cfg.validate()
-            run = out / f"{method}-seed{seed}"
-            if not _finished(run, cfg):
-                resume = (run / "checkpoint.pt").is_file()
-                if progress:
-                    print(f"== {method}, seed {seed}: {'resuming' if resume else 'training'} "
-                          f"into {run}", flush=True)
-                train(cfg, run, resume=resume, progress=progress, data=data)
-            history = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
-                       if ln.strip()]
-            cache = run / "operator_sigma.json"  # the spectra of the final checkpoint
-            cached = json.loads(cache.read_text()) if cache.is_file() else {}
-            if cached.get("epoch") == len(history):
-                operator = cached["ranges"]
-            else:
-                model = _trained_model(cfg, run, data.in_channels, data.num_classes)
-                operator = operator_sigma_ranges(model, example)
-                cache.write_text(json.dumps({"epoch": len(history), "ranges": operator}))
-            runs.setdefault(method, []).append({
-                "seed": seed,
-                "run_dir": str(run),
-                "test_error": [r["test_error"] for r in history],
-                "train_time_s": sum(r["epoch_time_s"] for r in history),
-                "reshaped": history[-1]["sigma_reshaped"],
-                "operator": operator,
-            })
+    for (method, seed), cfg in configs.items():
+        run = RunDir(out / f"{method}-seed{seed}")
+        done = _epochs_done(run, cfg)
+        if done != cfg.epochs:
+            if progress:
+                print(f"== {method}, seed {seed}: {'resuming' if done is not None else 'training'} "
+                      f"into {run.path}", flush=True)
+            train(cfg, run.path, resume=done is not None, progress=progress, data=data)
+        state = run.load(mmap=True)
+        history = state["history"]
+        cache = run.read_side("operator_sigma.json")  # the spectra of the final checkpoint
+        if isinstance(cache, dict) and cache.get("epoch") == len(history) \
+                and isinstance(cache.get("ranges"), dict):
+            operator = cache["ranges"]
+        else:
+            model = _trained_model(cfg, state, data.in_channels, data.num_classes)
+            operator = operator_sigma_ranges(model, example)
+            run.write_side("operator_sigma.json", {"epoch": len(history), "ranges": operator})
+        runs.setdefault(method, []).append({
+            "seed": seed,
+            "run_dir": str(run.path),
+            "test_error": [r["test_error"] for r in history],
+            "train_time_s": sum(r["epoch_time_s"] for r in history),
+            "reshaped": history[-1]["sigma_reshaped"],
+            "operator": operator,
+        })
 
-    summary = {"config": asdict(base), "methods": list(methods), "seeds": list(seeds),
+    summary = {"config": asdict(base), "methods": methods, "seeds": seeds,
                "environment": environment(), "results": {}}
     for method, rows in runs.items():
         summary["results"][method] = {
@@ -129,7 +139,7 @@ def compare(
                                max(v[1] for r in rows for v in r["operator"].values())],
             "runs": rows,
         }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     table = format_table(summary)
     (out / "summary.md").write_text(table + "\n")
     plot_comparison(summary, out / "test_error.png")

@@ -6,7 +6,6 @@ is ``(h, g, k, k)``. Inputs are ``N x N`` with zero ``'same'`` padding, as in th
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Sequence, Tuple
@@ -139,12 +138,13 @@ def plot(record: dict, path: Path) -> None:
 
 def main(config: Fig41Config, out: Path, progress: bool = True) -> dict:
     """Run, print the table, write ``out/guo_fig41.json`` and ``out/guo_fig41.png``."""
+    from ..train.rundir import make_output_dir, write_json
+
+    config.validate()
+    out = make_output_dir(Path(out))  # a bad --out fails before the descent runs
     record = run(config, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
     json_path = out / "guo_fig41.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(json_path)
+    write_json(json_path, record)
     plot(record, out / "guo_fig41.png")
     print(table(record))
     print(f"wrote {json_path} and {out / 'guo_fig41.png'}")

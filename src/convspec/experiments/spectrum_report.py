@@ -42,13 +42,16 @@ def build_named_model(name: str, depth: int, width: int, in_channels: int, seed:
 
 
 def load_checkpoint_model(path: Path, in_channels: int):
-    """The model of a ``convspec train`` checkpoint (``{"model": state_dict, "config": ...}``)."""
+    """The model of a ``convspec train`` checkpoint (``{"model": state_dict, "config": ...}``),
+    read as the run directory's owner reads it (tensors and plain data only)."""
     from ..train.models import build_model
+    from ..train.rundir import RunDirError, load_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a convspec train checkpoint (no 'model' and 'config')")
+    ckpt = load_checkpoint(Path(path))
     cfg, state = ckpt["config"], ckpt["model"]
+    missing = [k for k in ("model", "depth") if k not in cfg]
+    if missing:
+        raise RunDirError(f"{path}: its config has no {missing}")
     linear = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     num_classes = int(linear[-1].shape[0]) if linear else 10
     model = build_model(cfg["model"], cfg["depth"], cfg.get("width", 1), num_classes, in_channels)
@@ -148,9 +151,11 @@ def plot_extremes(rows: Sequence[LayerSpectrum], path: Path) -> None:
 def main(model, input_size: Tuple[int, int, int], out: Path, *, source: str, tol: float = 1e-6,
          progress: bool = True) -> List[LayerSpectrum]:
     """Report, print the table, write ``spectrum.json`` and the two PNGs under ``out``."""
+    from ..train.rundir import make_output_dir
+
+    make_output_dir(out)  # a bad --out fails before the spectra are computed
     example = torch.zeros(1, *input_size)
     rows = spectrum_report(model, example, tol=tol, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "source": source, "input_size": list(input_size), "tol": tol,
         "layers": [r.as_dict(with_values=True) for r in rows], "environment": environment(),

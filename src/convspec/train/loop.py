@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,12 @@ from ..report import reshaped_values
 from . import distributed as dist_utils
 from .data import DATASETS, Dataset, iterate_batches, load_dataset, normalize, random_crop_flip
 from .models import MODELS, build_model
+from .rundir import FORMAT, RunDir, RunDirError, one_line
 
 METHODS = ("sgd", "svb", "svb+bbn", "frobenius")
 SCHEDULES = ("paper", "step", "cosine")
 INITS = ("orthogonal", "default")
+BBN_MODES = ("bbn", "rel")
 
 
 @dataclass
@@ -66,30 +69,46 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        # TOML and Python write 1 for 1.0: store float fields as floats (bools stay as they are,
+        # for validate() to refuse).
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if _FIELD_TYPES.get(f.name, (None,))[0] is float and type(v) is int:
+                setattr(self, f.name, float(v))
+
     def validate(self) -> None:
+        """Check every field's type, then its range; a ``ValueError`` names the field, the value
+        and what it should be. Nothing is written before this passes."""
+        for f in fields(self):
+            problem = field_type_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(problem)
         checks = [
             (self.data in DATASETS, f"--data must be one of {DATASETS}, got {self.data!r}"),
             (self.model in MODELS, f"--model must be one of {MODELS}, got {self.model!r}"),
             (self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}"),
-            (self.init in INITS, f"--init must be one of {INITS}"),
-            (self.bbn_mode in ("bbn", "rel"), "--bbn-mode must be 'bbn' or 'rel'"),
-            (self.epochs >= 1, "--epochs must be >= 1"),
-            (self.batch_size >= 1, "--batch-size must be >= 1"),
-            (self.lr > 0 and self.lr_end > 0 and math.isfinite(self.lr), "learning rates must be > 0"),
-            (self.lr_hold >= 1, "--lr-hold must be >= 1"),
-            (self.eps > 0 and self.bbn_eps > 0, "--eps and --bbn-eps must be > 0"),
-            (self.svb_every is None or self.svb_every >= 1, "--svb-every must be >= 1"),
-            (self.frob_weight >= 0 and math.isfinite(self.frob_weight),
-             "--frob-weight must be finite and >= 0"),
-            (self.frob_alpha > 0 and math.isfinite(self.frob_alpha), "--frob-alpha must be > 0"),
-            (math.isfinite(self.eps) and math.isfinite(self.bbn_eps), "--eps and --bbn-eps must be finite"),
-            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.init in INITS, f"--init must be one of {INITS}, got {self.init!r}"),
+            (self.bbn_mode in BBN_MODES, f"--bbn-mode must be one of {BBN_MODES}, got {self.bbn_mode!r}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.lr_end > 0, f"--lr-end must be > 0, got {self.lr_end}"),
+            (self.lr_hold >= 1, f"--lr-hold must be >= 1, got {self.lr_hold}"),
+            (self.eps > 0, f"--eps must be > 0, got {self.eps}"),
+            (self.bbn_eps > 0, f"--bbn-eps must be > 0, got {self.bbn_eps}"),
+            (self.svb_every is None or self.svb_every >= 1,
+             f"--svb-every must be >= 1, got {self.svb_every}"),
+            (self.frob_weight >= 0, f"--frob-weight must be >= 0, got {self.frob_weight}"),
+            (self.frob_alpha > 0, f"--frob-alpha must be > 0, got {self.frob_alpha}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
             (not self.nesterov or self.momentum > 0, "--nesterov needs --momentum > 0"),
-            (self.weight_decay >= 0 and math.isfinite(self.weight_decay),
-             "--weight-decay must be finite and >= 0"),
-            (self.n_train is None or self.n_train >= 1, "--n-train must be >= 1"),
-            (self.n_test is None or self.n_test >= 1, "--n-test must be >= 1"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.n_train is None or self.n_train >= 1, f"--n-train must be >= 1, got {self.n_train}"),
+            (self.n_test is None or self.n_test >= 1, f"--n-test must be >= 1, got {self.n_test}"),
+            (self.width >= 1, f"--width must be >= 1, got {self.width}"),
+            (0 <= self.seed < 2**63 - 1, f"--seed must be in [0, 2**63 - 1), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,9 +130,57 @@ class TrainConfig:
                 raise ValueError(f"--device {self.device!r}: only cpu and cuda are supported")
 
 
-#: Fields a resumed run may change; any other difference from the checkpoint's config is refused.
-#: A different ``epochs`` stretches the learning-rate schedule (it depends on the total).
-RESUME_MAY_DIFFER = ("epochs", "device", "data_dir")
+_KINDS = {bool: "a bool (true or false)", int: "an integer", float: "a finite number",
+          str: "a string"}
+
+
+def _field_types() -> Dict[str, tuple]:
+    """Field name -> (base type, optional) from TrainConfig's annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        out[name] = (base, optional)
+    return out
+
+
+_FIELD_TYPES: Dict[str, tuple] = {}
+
+
+def field_type_problem(name: str, value: object) -> Optional[str]:
+    """Why ``value`` is not of the type of TrainConfig field ``name`` (None if it is).
+
+    Strict: a bool field takes only ``True``/``False`` (not ``"false"`` or 0), an int field only
+    an int (not ``True`` or 2.5), a float field only a finite int or float, a str field only a
+    str; optional fields also take None (leave the key out of a config file).
+    """
+    if name not in _FIELD_TYPES:
+        return f"unknown key {name!r} (known: {', '.join(f.name for f in fields(TrainConfig))})"
+    base, optional = _FIELD_TYPES[name]
+    if value is None and optional:
+        return None
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, base)
+    if ok:
+        return None
+    what = _KINDS[base] + (" (or leave the key out)" if optional else "")
+    flag = "--" + name.replace("_", "-")
+    return f"{name} ({flag}) = {value!r}: expected {what}, got {type(value).__name__}"
+
+
+_FIELD_TYPES.update(_field_types())
+
+#: Fields a resumed run may change; any other difference from the checkpoint's config is refused,
+#: and so is another number of processes. A different ``epochs`` stretches the learning-rate
+#: schedule (it depends on the total); it may not be below the epochs already completed.
+RESUME_MAY_DIFFER = ("epochs", "device")
 
 
 def config_differences(stored: Dict, cfg: "TrainConfig") -> List[str]:
@@ -133,17 +200,39 @@ def load_config_file(path: Path) -> Dict:
             import tomli as tomllib  # type: ignore[no-redef]
         except ImportError:
             raise ValueError("config files need Python >= 3.11 or `pip install tomli`") from None
+    path = Path(path)
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {path} is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not a text (UTF-8) file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"config file {path} has unknown keys {unknown}")
+    for name, value in data.items():
+        problem = field_type_problem(name, value)
+        if problem:
+            raise ValueError(f"config file {path}: {problem}")
     return data
+
+
+def resume_problems(state: Dict, cfg: "TrainConfig", world_size: int) -> List[str]:
+    """Why the checkpoint ``state`` cannot be continued by ``cfg`` on ``world_size`` processes:
+    ``field: stored -> now`` per differing field (but :data:`RESUME_MAY_DIFFER`), and
+    ``processes: stored -> now``."""
+    problems = config_differences(state["config"], cfg)
+    stored = state.get("world_size")
+    if stored is not None and stored != world_size:
+        problems.append(f"processes: {stored} -> {world_size}")
+    return problems
 
 
 def learning_rate(cfg: TrainConfig, epoch: int, step_in_epoch: float = 0.0) -> float:
@@ -178,12 +267,6 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -208,46 +291,108 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
 class TrainResult:
     history: List[Dict]  # one metrics row per epoch
     model: nn.Module  # the trained model (unwrapped from DDP)
+    start_epoch: int = 0  # epochs completed before this call (resumed from the checkpoint)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; ``checkpoint_epoch`` is the epoch of the checkpoint left in the
+    run directory, None if there is none (nothing to resume)."""
+
+    def __init__(self, checkpoint_epoch: Optional[int]):
+        super().__init__(checkpoint_epoch)
+        self.checkpoint_epoch = checkpoint_epoch
+
+
+T = TypeVar("T")
+
+
+def _on_every_rank(ctx: dist_utils.DistContext, fn: Callable[[], T]) -> T:
+    """``fn()``; if it raises a run-directory or config error on any rank, raise on every rank
+    (that rank's error; elsewhere one that points at it), so that no rank waits forever."""
+    try:
+        result, error = fn(), None
+    except (RunDirError, OSError, ValueError) as exc:
+        result, error = None, exc
+    (failed,) = dist_utils.any_flags(ctx, error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RunDirError("another process of this run could not use the run directory; "
+                          "see its message")
+    return result
+
+
+def _read_state(run: RunDir, cfg: TrainConfig, resume: bool, world_size: int) -> Optional[Dict]:
+    """The checkpoint to continue (None for a new run), after checking the resume rule."""
+    if not resume:
+        if run.has_checkpoint():
+            raise RunDirError(f"{run.path} already holds a run ({run.checkpoint.name}); pass "
+                              "--resume to continue it or choose another --out")
+        return None
+    state = run.load()
+    problems = resume_problems(state, cfg, world_size)
+    if problems:
+        raise RunDirError(
+            f"--resume: {run.path} was trained with another configuration "
+            f"({'; '.join(problems)}); resume with the same flags and number of processes "
+            "(only --epochs and --device may change) or choose another --out"
+        )
+    if cfg.epochs < state["epoch"]:
+        raise RunDirError(f"--resume: {run.path} holds {state['epoch']} completed epochs, more "
+                          f"than --epochs {cfg.epochs}; pass --epochs {state['epoch']} or more")
+    return state
 
 
 def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
           data: Optional[Dataset] = None) -> TrainResult:
     """Train per ``cfg`` into run directory ``out``; return the metrics and the model.
 
-    ``out/config.json`` (the resolved config, seed, git commit, library versions) is written
-    before step 0; each epoch appends a line to ``out/metrics.jsonl`` and replaces
-    ``out/checkpoint.pt`` atomically. ``resume=True`` continues from that checkpoint up to
-    ``cfg.epochs``. Under ``torchrun`` the model is wrapped in DistributedDataParallel and only
-    rank 0 writes files.
+    The run directory (see :mod:`convspec.train.rundir`) is locked for the duration: another
+    process training into it fails at once (:class:`~convspec.train.rundir.RunLocked`). A new
+    run writes its checkpoint, ``config.json`` (the resolved config, seed, git commit, library
+    versions) and an empty ``metrics.jsonl`` before step 0; each epoch replaces the checkpoint
+    atomically, then the two views. ``resume=True`` continues from the checkpoint up to
+    ``cfg.epochs``: only ``epochs`` (not below the completed epochs; equal means nothing to do)
+    and ``device`` may differ from the checkpoint's config, and the number of processes must be
+    the same. Under ``torchrun`` the model is wrapped in DistributedDataParallel and only rank 0
+    locks and writes files. Ctrl-C raises :class:`Interrupted`.
     """
     cfg.validate()
     ctx = dist_utils.setup()
-    device = ctx.device if ctx.world_size > 1 else _pick_device(cfg.device)
-    out = Path(out)
-    ckpt_path = out / "checkpoint.pt"
-    metrics_path = out / "metrics.jsonl"
-    if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    if not resume and ckpt_path.exists():
-        raise FileExistsError(
-            f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or "
-            "choose another --out"
-        )
-    state = None
-    if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        diffs = config_differences(state.get("config", {}), cfg)
-        if diffs:
-            raise ValueError(
-                f"--resume: {out} was trained with another configuration ({'; '.join(diffs)}); "
-                "resume with the same flags (only --epochs and --device may change) or choose "
-                "another --out"
-            )
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    # Every rank has checked the run directory before rank 0 writes into it.
-    dist_utils.barrier(ctx)
+    saved: Dict[str, Optional[int]] = {"epoch": None}  # the epoch of the checkpoint on disk
+    try:
+        return _train(cfg, RunDir(out), ctx, resume, progress, data, saved)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(saved["epoch"]) from None
+    finally:
+        dist_utils.cleanup(ctx)
 
+
+def _train(cfg: TrainConfig, run: RunDir, ctx: dist_utils.DistContext, resume: bool,
+           progress: bool, data: Optional[Dataset], saved: Dict) -> TrainResult:
+    device = ctx.device if ctx.world_size > 1 else _pick_device(cfg.device)
+    if resume and not run.has_checkpoint():  # before creating anything
+        raise RunDirError(f"--resume: no checkpoint at {run.checkpoint}; start the run without "
+                          "--resume")
+    with contextlib.ExitStack() as held:
+        def claim() -> None:
+            if ctx.is_main:
+                run.create()
+                held.enter_context(run.lock())
+                run.remove_stale_tmp()
+
+        _on_every_rank(ctx, claim)
+        state = _on_every_rank(ctx, lambda: _read_state(run, cfg, resume, ctx.world_size))
+        if state is not None:
+            saved["epoch"] = state["epoch"]
+        return _train_locked(cfg, run, ctx, device, state, progress, data, saved)
+
+
+def _train_locked(cfg: TrainConfig, run: RunDir, ctx: dist_utils.DistContext,
+                  device: torch.device, state: Optional[Dict], progress: bool,
+                  data: Optional[Dataset], saved: Dict) -> TrainResult:
     torch.manual_seed(cfg.seed)
     if data is None:
         data = load_dataset(cfg.data, cfg.data_dir, seed=cfg.seed)
@@ -271,40 +416,63 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     net = dist_utils.wrap(model, ctx)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # shuffling and augmentation
 
-    start_epoch, history = 0, []
+    # What config.json says: the resolved config, seed, git commit, library versions. A resumed
+    # run keeps the record of its start, with the config it continues under, and appends its
+    # environment if that differs.
+    record = {"config": asdict(cfg), "environment": environment(),
+              "world_size": ctx.world_size, "device": str(device),
+              "iterations_per_epoch": iters_per_epoch}
+    record = json.loads(json.dumps(record))  # plain JSON types (torch.__version__ is not a str)
+    start_epoch, history, views = 0, [], None
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if svb is not None and state.get("svb") is not None:
-            svb.load_state_dict(state["svb"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, history = state["epoch"], state["history"]
-    elif ctx.is_main:
-        record = {"config": asdict(cfg), "environment": environment(),
-                  "world_size": ctx.world_size, "device": str(device),
-                  "iterations_per_epoch": iters_per_epoch}
-        (out / "config.json").write_text(json.dumps(record, indent=1))
-        metrics_path.write_text("")
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if svb is not None and state.get("svb") is not None:
+                svb.load_state_dict(state["svb"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise RunDirError(f"{run.checkpoint} does not fit this configuration's model and "
+                              f"optimizer: {one_line(exc)[:200]}") from None
+        start_epoch, history = state["epoch"], list(state["history"])
+        stored = state.get("record")
+        if stored is not None:
+            later = [r for r in stored.get("resumed", []) if isinstance(r, dict)]
+            envs = [stored.get("environment")] + [r.get("environment") for r in later]
+            if record["environment"] not in envs:
+                later.append({"epoch": start_epoch, "environment": record["environment"]})
+            record = {**stored, "config": asdict(cfg), "device": str(device)}
+            if later:
+                record["resumed"] = later
+        # The views of the checkpoint as it is (they may lag it by one epoch after a kill
+        # between the two writes); the new config reaches them with the next checkpoint.
+        views = {"history": history,
+                 "record": stored if stored is not None else {**record, "config": state["config"]}}
+        state = None  # free the loaded tensors
 
-    def save(epoch: int) -> None:
-        _atomic_save({
+    def snapshot(epoch: int) -> Dict:
+        return {
+            "format": FORMAT, "epoch": epoch, "history": history, "config": asdict(cfg),
+            "world_size": ctx.world_size, "record": record,
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "svb": svb.state_dict() if svb is not None else None,
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "epoch": epoch, "history": history, "config": asdict(cfg),
-        }, ckpt_path)
-
-    if not resume and ctx.is_main:
-        save(0)  # so that an interrupt in the first epoch still leaves a resumable run
+        }
 
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):
         interrupted["flag"] = True
 
+    # From here Ctrl-C is noticed at the next step, so that no write is cut short by it.
     old_handler = signal.signal(signal.SIGINT, on_sigint) if ctx.is_main_thread else None
     try:
+        if views is None:  # an interrupt in the first epoch leaves a resumable run
+            _on_every_rank(ctx, lambda: run.save(snapshot(0)) if ctx.is_main else None)
+        else:
+            _on_every_rank(ctx, lambda: run.write_views(views) if ctx.is_main else None)
+        saved["epoch"] = start_epoch
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             net.train()
@@ -336,7 +504,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                     if bad:
                         raise NonFiniteLoss(
                             f"loss became {float(total.detach())} at epoch {epoch + 1}, iteration {i + 1}; "
-                            f"the last good checkpoint (end of epoch {epoch}) is kept in {ckpt_path}. "
+                            f"the last good checkpoint (end of epoch {epoch}) is kept in {run.checkpoint}. "
                             "Lower --lr or --frob-weight."
                         )
                     opt.zero_grad(set_to_none=True)
@@ -364,19 +532,16 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                 "sigma_reshaped": reshaped_sigma_ranges(model),
             }
             history.append(row)
-            if ctx.is_main:
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                save(epoch + 1)
-                if progress:
-                    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
-                          f"test error {100 * test_error:.2f}%, {row['epoch_time_s']:.1f}s",
-                          file=sys.stderr)
-            dist_utils.barrier(ctx)
+            # A failed write (a full disk) stops every rank; the previous checkpoint stays.
+            _on_every_rank(ctx, lambda: run.save(snapshot(epoch + 1)) if ctx.is_main else None)
+            saved["epoch"] = epoch + 1
+            if progress and ctx.is_main:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
+                      f"test error {100 * test_error:.2f}%, {row['epoch_time_s']:.1f}s",
+                      file=sys.stderr)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
         if reg is not None:
             reg.remove()
-        dist_utils.cleanup(ctx)
-    return TrainResult(history, model)
+    return TrainResult(history, model, start_epoch)

@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -413,6 +414,75 @@ def test_bbn_rejects_and_skips():
     assert_identical(model, snap)
     report = bbn_(nn.Sequential(nn.BatchNorm2d(3, affine=False)), 0.1)
     assert report.batchnorms == []  # no gamma: nothing to bound
+
+
+def model_with_bn(var_of_channel_3=0.0, bn_eps=1e-5, seed=11):
+    """Conv -> (BatchNorm '1.0', ReLU); gamma ~ 1, running_var ~ 1 except channel 3."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()))
+    bn = model[1][0]
+    bn.eps = bn_eps
+    with torch.no_grad():
+        model[0].weight.mul_(5)  # far outside any SVB band: svb_ would write it
+        bn.weight.copy_(1 + 0.1 * torch.randn(8))
+        bn.running_var.copy_(0.5 + torch.rand(8))
+        bn.running_var[3] = var_of_channel_3
+    return model
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-5, float("nan"), float("inf")])
+def test_bbn_rejects_a_batchnorm_eps_that_is_not_positive_and_finite(bad):
+    model = model_with_bn(bn_eps=bad)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"BatchNorm '1\.0' has eps=.*positive finite"):
+        bbn_(model, 0.2)
+    assert_identical(model, snap)
+    # The scheduler plans SVB first; BBN's refusal must leave the SVB-bound conv unwritten too.
+    svb = SingularValueBounding(model, 0.05, every=1, bbn_eps=0.2)
+    with pytest.raises(ValueError, match=r"BatchNorm '1\.0' has eps="):
+        svb.step()
+    assert_identical(model, snap)
+
+
+def test_bbn_warns_about_zero_variance_channels_and_keeps_algorithm_2():
+    model = model_with_bn(var_of_channel_3=0.0)
+    bn = model[1][0]
+    with torch.no_grad():
+        bn.running_var[5] = 1e-9  # near zero counts too (running_var <= bn.eps)
+    gamma = bn.weight.detach().double().clone()
+    sigma = (bn.running_var.detach().double() + bn.eps).sqrt()
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm '1\.0': channel\(s\) 3, 5 have \(near-\)zero"):
+        bbn_(model, 0.2)
+    # Algorithm 2 as written: alpha includes the zero-variance channels, the others are raised.
+    alpha = (gamma / sigma).mean()
+    want = sigma * (gamma / sigma / alpha).clamp(1 / 1.2, 1.2) * alpha
+    torch.testing.assert_close(bn.weight.detach().double(), want, rtol=1e-6, atol=0)
+    others = [0, 1, 2, 4, 6, 7]
+    assert bool((bn.weight.detach()[others] > 10 * gamma[others]).all())  # what the warning is for
+    # Through the scheduler too.
+    model = model_with_bn(var_of_channel_3=0.0)
+    with pytest.warns(RuntimeWarning, match=r"'1\.0': channel\(s\) 3 have"):
+        SingularValueBounding(model, 0.05, every=1, bbn_eps=0.2).step()
+
+
+def test_bbn_quiet_without_zero_variance_or_in_rel_mode():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bbn_(model_with_bn(var_of_channel_3=1.0), 0.2)
+        bbn_(model_with_bn(var_of_channel_3=0.0), 0.2, mode="rel")  # sigma is not used
+
+
+def test_bbn_refuses_a_gamma_that_overflows_its_dtype():
+    bn = nn.BatchNorm1d(4).half()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1000.0, 1.0, 1.0, 1.0]))
+        bn.running_var.copy_(torch.tensor([0.0, 1e4, 1e4, 1e4]))
+    model = nn.Sequential(bn)
+    snap = snapshot(model)
+    with pytest.warns(RuntimeWarning, match="zero"), \
+            pytest.raises(ValueError, match=r"'0' is not finite in torch\.float16"):
+        bbn_(model, 0.2)
+    assert_identical(model, snap)
 
 
 # ------------------------------------------------------------------------------ scheduler

@@ -15,6 +15,8 @@ which is dropped when it falls outside ``[0, N)`` for ``padding_mode='zeros'`` a
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
@@ -198,6 +200,52 @@ def check_finite(weight: torch.Tensor, what: str = "weight") -> None:
         raise ValueError(f"{what} contains NaN or Inf values")
 
 
+#: Weight dtypes the library accepts. float16 and bfloat16 weights are computed in float32.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_weight_dtype(weight, what: str = "weight") -> None:
+    """Raise ``ValueError`` naming the dtype unless ``weight`` is a real floating-point tensor.
+
+    Integer and bool weights would be silently rounded (geometry constants cast to their dtype),
+    complex ones give complex "penalties"; float8 types have no arithmetic to speak of.
+
+    >>> check_weight_dtype(torch.ones(2, dtype=torch.int64))
+    Traceback (most recent call last):
+    ...
+    ValueError: weight must be a real floating-point tensor (float16, bfloat16, float32 or float64), got dtype torch.int64
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{what} must be a tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{what} must be a real floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got dtype {weight.dtype}"
+        )
+
+
+def check_weight(weight, what: str = "weight") -> None:
+    """:func:`check_weight_dtype`, then :func:`check_finite`: what every weight goes through."""
+    check_weight_dtype(weight, what)
+    check_finite(weight, what)
+
+
+def check_real(value, name: str) -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` unless it is a finite real number.
+
+    Accepts Python and NumPy numbers and one-element real floating tensors (not bool).
+    """
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and value.dtype in FLOAT_DTYPES
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        out = float(value)
+        if math.isfinite(out):
+            return out
+    raise ValueError(f"{name} must be a finite real number, got {value!r}")
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
     """Apply the convolution described by ``geom`` exactly as ``nn.Conv2d`` does (no bias)."""
     a, b = geom.axes
@@ -209,4 +257,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> torch.T
     )
 
 
-__all__ = ["AxisGeometry", "ConvGeometry", "conv_geometry", "conv2d", "check_finite"]
+__all__ = [
+    "AxisGeometry", "ConvGeometry", "conv_geometry", "conv2d", "check_finite", "check_real",
+    "check_weight", "check_weight_dtype",
+]

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ._geometry import check_weight_dtype
+from ._precision import no_autocast
 
 #: Layer types whose weight ``svb_`` knows how to reshape (transposed convolutions are not:
 #: their weight is ``(in, out // groups, *k)``).
@@ -271,8 +275,7 @@ def _weight_of(name: str, module: nn.Module) -> torch.nn.Parameter:
         )
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"layer {label!r} is lazy and not initialised yet (run a forward first)")
-    if not weight.is_floating_point():
-        raise ValueError(f"layer {label!r}: weight has non-floating dtype {weight.dtype}")
+    check_weight_dtype(weight, f"layer {label!r}: weight")
     return weight
 
 
@@ -556,7 +559,8 @@ def _bound_matrices(
             else:
                 a = torch.stack([mats[i][g] for i, g in chunk])
             try:
-                new, s, s_new, routes = _bound_stack(a, lo, hi, dtype, route)
+                with no_autocast(a.device):  # dtype=float32 GEMMs would run in bf16/fp16 else
+                    new, s, s_new, routes = _bound_stack(a, lo, hi, dtype, route)
             except _DecompositionError as err:
                 raise _DecompositionError(chunk[err.index][0], err.cause) from err.cause
             s, s_new = s.double().cpu(), s_new.double().cpu()
@@ -589,7 +593,9 @@ def bound_singular_values(
     (see :func:`convspec.conv_operator`), which are different. Matrices whose values are all in
     the band come back bit-identical. Not in place, not differentiable.
 
-    The decomposition runs in ``dtype`` (float64 by default); the result has ``weight``'s dtype.
+    The decomposition runs in ``dtype`` (float64 by default) with ``torch.autocast`` off; the
+    result has ``weight``'s dtype, which must be float16, bfloat16, float32 or float64 (anything
+    else raises ``ValueError`` naming the dtype).
     ``method``: ``'svd'`` (``torch.linalg.svd``), ``'gram'`` (eigendecomposition of the smaller
     Gram matrix, only where it is as accurate as the weight's dtype, else SVD: see Note [Gram
     route accuracy] in the source) or ``'auto'`` (Gram for matrices at least
@@ -608,8 +614,7 @@ def bound_singular_values(
     eps = _check_eps(eps)
     dtype = _check_dtype(dtype)
     method = _check_method(method)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise ValueError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+    check_weight_dtype(weight)
     if weight.dim() < 2 or weight.numel() == 0:
         raise ValueError(f"weight must have at least 2 non-empty dimensions, got {tuple(weight.shape)}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -803,8 +808,8 @@ def svb_(
     equal-shaped matrices are decomposed in one batch.
 
     **Safety:** everything is computed before anything is written. Non-finite ``eps`` or
-    ``eps <= 0``, a NaN/Inf weight, an unsupported layer type or a parametrized weight raise
-    ``ValueError`` naming the layer; a failed decomposition raises ``RuntimeError``; in every
+    ``eps <= 0``, a NaN/Inf weight, a weight that is not float16/bfloat16/float32/float64, an
+    unsupported layer type or a parametrized weight raise ``ValueError`` naming the layer; a failed decomposition raises ``RuntimeError``; in every
     case no weight has changed.
 
     **Distributed:** when ``torch.distributed`` is initialized (or ``distributed=True``) this is
@@ -856,6 +861,29 @@ def svb_(
 # deliberate (e.g. zero-initialised last BatchNorm of residual blocks), and bounding them up to
 # alpha / (1+eps) would switch those channels on. alpha is computed before clipping, as in the
 # paper, so the ratios to the *new* mean may lie slightly outside the band.
+#
+# Note [BBN zero variance]: a channel whose running_var is (near) zero -- a dead channel, or a
+# constant input -- has sigma_i ~ sqrt(bn.eps) (3e-3 for the default 1e-5), so its ratio
+# |gamma_i| / sigma_i is hundreds of times the others' and dominates alpha. Algorithm 2 as written
+# then raises every other gamma to about alpha / (1+eps): with one such channel among C (default
+# bn.eps, gamma ~ 1, running_var ~ 1) the others grew 10-21x for C = 16, 3-9x for C = 64. We keep
+# the algorithm (it is what the paper specifies) and warn, naming the layer and the channels with
+# running_var <= bn.eps and gamma != 0, whenever they lift alpha above (1+eps) times the mean
+# ratio of the other channels (so a zero-variance channel that changes nothing, e.g. with a
+# large bn.eps or a tiny gamma, stays quiet). bn.eps itself must be positive and finite: with
+# eps <= 0 a zero-variance channel gives sigma = 0 (or NaN) and the write would be NaN/Inf, so
+# that is refused before anything is written.
+
+
+def _check_bn_eps(label: str, bn: nn.Module) -> float:
+    value = bn.eps
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(
+            f"bbn_: BatchNorm {label!r} has eps={value!r}; mode='bbn' divides by "
+            "sigma = sqrt(running_var + eps), which needs a positive finite eps; nothing was written"
+        )
+    return float(value)
 
 
 def _collect_batchnorms(modules, skip) -> List[Tuple[str, nn.Module]]:
@@ -875,6 +903,24 @@ def _collect_batchnorms(modules, skip) -> List[Tuple[str, nn.Module]]:
     return found
 
 
+def _warn_zero_variance(label, bn_eps, flat, r, nonzero, alpha, hi) -> None:
+    """Warn when channels with ``running_var <= bn.eps`` (``flat``) lift ``alpha`` by more than
+    the band's factor over the mean of the other channels (Note [BBN zero variance])."""
+    rest = nonzero & ~flat
+    if not bool(flat.any()) or not bool(rest.any()) or float(alpha) <= hi * float(r[rest].mean()):
+        return
+    channels = flat.nonzero().flatten().tolist()
+    shown = ", ".join(map(str, channels[:10])) + (", ..." if len(channels) > 10 else "")
+    warnings.warn(
+        f"bbn_: BatchNorm {label!r}: channel(s) {shown} have (near-)zero running_var "
+        f"(<= eps={bn_eps:g}), so |gamma| / sigma there dominates the mean of Algorithm 2 and "
+        "the other channels' gammas are scaled up (Note [BBN zero variance] in "
+        "convspec/bounding.py); consider mode='rel' or skipping this layer",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def _plan_bbn(modules, eps, *, mode, skip, distributed, process_group) -> _Plan:
     eps = _check_eps(eps)
     if mode not in BBN_MODES:
@@ -883,6 +929,9 @@ def _plan_bbn(modules, eps, *, mode, skip, distributed, process_group) -> _Plan:
     found = _collect_batchnorms(modules, skip)
     ctx = _dist_context(distributed, process_group)
     report = SVBReport(bbn_eps=eps, bbn_mode=mode)
+    if mode == "bbn":  # all layers checked before any work (Note [BBN zero variance])
+        for name, bn in found:
+            _check_bn_eps(name or "<model>", bn)
 
     rows, news = [], []
     for name, bn in found:
@@ -907,6 +956,8 @@ def _plan_bbn(modules, eps, *, mode, skip, distributed, process_group) -> _Plan:
         nonzero = g != 0
         if bool(nonzero.any()):
             alpha = r[nonzero].mean()
+            if mode == "bbn" and ctx.rank == 0:  # rank 0's result is the one written
+                _warn_zero_variance(label, bn.eps, nonzero & (var <= bn.eps), r, nonzero, alpha, hi)
             ratio = r / alpha
             ratio_new = ratio.clamp(lo, hi)
             clipped = nonzero & (ratio_new != ratio)
@@ -962,6 +1013,12 @@ def _plan_bbn(modules, eps, *, mode, skip, distributed, process_group) -> _Plan:
             for r, v in zip(rows, values)
         ]
 
+    for (name, _), new in zip(found, news):  # e.g. a float16 gamma overflowing (same on all ranks)
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(
+                f"bbn_: the bounded gamma of BatchNorm {name or '<model>'!r} is not finite in "
+                f"{new.dtype}; nothing was written"
+            )
     report.batchnorms = rows
     writes = [(bn.weight, new) for (_, bn), new in zip(found, news)]
     if not ctx.active:
@@ -994,8 +1051,13 @@ def bbn_(
     of ``alpha`` (see Note [BBN signs] in the source). ``alpha`` is computed before clipping, as in
     the paper. ``mode='bbn'`` needs running statistics (``track_running_stats=True``).
 
-    Bad ``eps``, ``mode``, NaN/Inf gamma or running_var raise ``ValueError`` before anything is
-    written. **Distributed:** a collective like :func:`svb_`; rank 0's result (its running
+    Bad ``eps``, ``mode``, NaN/Inf gamma or running_var, and (``mode='bbn'``) a BatchNorm whose
+    own ``eps`` is ``<= 0`` or not finite raise ``ValueError`` naming the layer before anything is
+    written; so does a bounded gamma that would overflow the weight's dtype. **Zero variance:** a
+    channel with ``running_var <= bn.eps`` (a dead or constant channel) has ``sigma_i ~ sqrt(eps)``
+    and dominates ``alpha``, so Algorithm 2 scales every other gamma up (10-21x measured with one
+    such channel among 16); the algorithm is kept and a ``RuntimeWarning`` names the layer and
+    channels (see Note [BBN zero variance]). **Distributed:** a collective like :func:`svb_`; rank 0's result (its running
     statistics differ from the other ranks' after a DDP forward) is broadcast to all ranks.
 
     Returns an :class:`SVBReport` whose ``batchnorms`` rows give the ratio ``r_i / alpha``

@@ -9,7 +9,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ._geometry import IntPair, Padding, check_finite, conv_geometry
+from ._geometry import IntPair, Padding, check_real, check_weight, conv_geometry
 from ._progress import progress_bar
 from .penalty import frobenius_penalty, spectral_penalty
 from .operator import conv_operator
@@ -95,7 +95,9 @@ def penalty_descent(
     dilation=dilation, groups=groups, padding_mode=padding_mode, bias=False)`` on a ``g x N1 x N2``
     input; by default ``R`` is the exact penalty of :func:`frobenius_penalty`, its gradient exact
     (autograd through the structured formula, equal to the closed form of Theorem 3.1).
-    ``weight`` is not modified: the descent runs on a float64 copy, returned in the result.
+    ``weight`` is not modified: the descent runs on a float64 copy, returned in the result
+    (``weight`` may be float16, bfloat16, float32 or float64; other dtypes, NaN/Inf entries and
+    non-finite ``alpha``, ``lr``, ``armijo_c``, ``armijo_shrink`` raise ``ValueError``).
 
     Step rules, each along ``-G`` with ``G = (1/2) dR/dK`` as eq. (3.2) defines it:
 
@@ -128,17 +130,17 @@ def penalty_descent(
         raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if not (math.isfinite(lr) and lr > 0):
+    if not check_real(lr, "lr") > 0:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha!r}")
-    if not (0 < armijo_c < 1 and 0 < armijo_shrink < 1):
+    alpha = check_real(alpha, "alpha")
+    if not (0 < check_real(armijo_c, "armijo_c") < 1
+            and 0 < check_real(armijo_shrink, "armijo_shrink") < 1):
         raise ValueError("armijo_c and armijo_shrink must lie in (0, 1)")
     geometry = dict(
         stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode
     )
     conv_geometry(weight, input_size, **geometry)  # validate before any work
-    check_finite(weight)
+    check_weight(weight)
 
     power_state: dict = {}
 

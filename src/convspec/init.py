@@ -14,18 +14,14 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ._geometry import check_real
 from .bounding import SUPPORTED_LAYERS, _check_layers, _weight_of
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _check_gain(gain) -> float:
-    if isinstance(gain, bool) or not isinstance(gain, (int, float)):
-        raise ValueError(f"gain must be a finite number, got {gain!r}")
-    gain = float(gain)
-    if gain != gain or gain in (float("inf"), float("-inf")):
-        raise ValueError(f"gain must be a finite number, got {gain!r}")
-    return gain
+    return check_real(gain, "gain")
 
 
 def _semi_orthogonal(
@@ -58,7 +54,9 @@ def orthogonal_(
     Haar-distributed matrix with orthonormal rows (if it is wide) or columns (if tall), so all its
     singular values equal ``gain``: Jia et al., Algorithm 1, line 1. This is the *reshaped kernel*;
     the convolution operator is then generally **not** orthogonal (see
-    :func:`delta_orthogonal_` for that). Biases are left alone.
+    :func:`delta_orthogonal_` for that). Biases are left alone. The random matrices are drawn in
+    float64 and written in each weight's dtype; a weight that is not float16, bfloat16, float32 or
+    float64, or a non-finite ``gain``, raises ``ValueError`` before anything is written.
 
     >>> conv = torch.nn.Conv2d(4, 8, 3, groups=2)
     >>> _ = orthogonal_(conv)
@@ -102,7 +100,9 @@ def delta_orthogonal_(
     ``conv`` is an ``nn.Conv1d/2d/3d`` with weight ``(out, in // groups, *k)``. The tap at
     ``k // 2`` (per spatial axis) of each group gets ``gain`` times a Haar-random
     ``(out // groups) x (in // groups)`` matrix ``H`` with orthonormal rows (``out <= in``) or
-    columns (``out > in``); every other tap is zero. The bias is left alone.
+    columns (``out > in``); every other tap is zero. The bias is left alone. ``H`` is drawn in
+    float64 and written in the weight's dtype (float16, bfloat16, float32 or float64, else
+    ``ValueError`` naming the dtype).
 
     What holds for the convolution **operator** ``M`` (:func:`convspec.conv_operator`; stride 1
     and ``padding`` equal to ``dilation * (k - 1) // 2`` per axis, i.e. ``'same'`` for odd ``k``):

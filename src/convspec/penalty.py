@@ -7,7 +7,6 @@ penalty ``||M^T M - alpha I||_2`` of Guo & Ye, by persistent power iteration.
 
 from __future__ import annotations
 
-import math
 import weakref
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
@@ -17,8 +16,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._geometry import (
-    AxisGeometry, ConvGeometry, IntPair, Padding, check_finite, conv2d, conv_geometry,
+    AxisGeometry, ConvGeometry, IntPair, Padding, check_real, check_weight, conv2d, conv_geometry,
 )
+from ._precision import compute_dtype, no_autocast, to_weight_dtype
 from .operator import DEFAULT_MAX_BYTES, conv_operator
 from .spectrum import _conv_t
 
@@ -123,33 +123,42 @@ def _constants(
 
 
 class _GramSquaredNorm(torch.autograd.Function):
-    """``sum_w || sum_{P,P'} V[(P,P'), w] T_PP' ||_F^2`` with ``T = A A^T`` (Note [structure of M]).
+    """``(||M M^T||_F^2, ||M||_F^2)`` from ``T = A A^T`` (Note [structure of M]).
 
-    ``A`` is ``(G, c k1 k2, n)`` with rows ordered ``(c, P)``, ``P = (p, q)``. Forward: one Gram
-    GEMM, one permutation of ``T`` to ``(c, c', P, P')``, one GEMM against ``V``. Backward mirrors it;
-    ``dS/dT`` is symmetric (``Q`` is invariant under swapping ``(p, p') -> (p', p)``), so
-    ``dA = 2 (dS/dT) A`` is a single GEMM.
+    ``A`` is ``(G, c k1 k2, n)`` with rows ordered ``(c, P)``, ``P = (p, q)``; the first output is
+    ``sum_w || sum_{P,P'} V[(P,P'), w] T_PP' ||_F^2``, the second ``sum_{c,P,P'} T[(c,P),(c,P')]
+    D[P,P']`` (the diagonal channel blocks of the same ``T``). Forward: one Gram GEMM, one
+    permutation of ``T`` to ``(c, c', P, P')``, one GEMM against ``V``. Backward mirrors it;
+    ``dS/dT`` is symmetric (``Q`` is invariant under swapping ``(p, p') -> (p', p)``, ``D`` is
+    symmetric), so ``dA = 2 (dS/dT) A`` is a single GEMM. Both directions run with autocast off
+    (Note [working precision]): PyTorch would otherwise run a backward called inside an autocast
+    region in low precision, which is why ``||M||^2`` is taken from ``T`` here and not by a
+    separate differentiable GEMM.
     """
 
     @staticmethod
-    def forward(ctx, a, v, c, k1, k2):  # type: ignore[override]
+    def forward(ctx, a, v, d, c, k1, k2):  # type: ignore[override]
         G = a.shape[0]
-        t = torch.matmul(a, a.transpose(-1, -2))  # (G, c k1 k2, c k1 k2)
         kk = k1 * k2
-        t = t.view(G, c, kk, c, kk).permute(0, 1, 3, 2, 4)
-        z = torch.matmul(t.reshape(G * c * c, kk * kk), v)  # (G c c', r1 r2)
-        ctx.save_for_backward(a, v, z)
+        with no_autocast(a.device):
+            t = torch.matmul(a, a.transpose(-1, -2)).view(G, c, kk, c, kk)  # (G, c, P, c', P')
+            fro = (torch.diagonal(t, dim1=1, dim2=3) * d[..., None]).sum()  # blocks c = c'
+            t = t.permute(0, 1, 3, 2, 4)
+            z = torch.matmul(t.reshape(G * c * c, kk * kk), v)  # (G c c', r1 r2)
+        ctx.save_for_backward(a, v, d, z)
         ctx.shape = (G, c, kk)
-        return torch.dot(z.view(-1), z.view(-1))
+        return torch.dot(z.view(-1), z.view(-1)), fro
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        a, v, z = ctx.saved_tensors
+    def backward(ctx, grad_gram, grad_fro):  # type: ignore[override]
+        a, v, d, z = ctx.saved_tensors
         G, c, kk = ctx.shape
-        dt = torch.matmul(z, v.T).mul_(2 * grad)  # (G c c', P P')
-        dt = dt.view(G, c, c, kk, kk).permute(0, 1, 3, 2, 4).reshape(G, c * kk, c * kk)
-        return torch.matmul(dt, a).mul_(2), None, None, None, None
+        with no_autocast(a.device):
+            dt = torch.matmul(z, v.T).mul_(2 * grad_gram.to(z.dtype))  # (G c c', P P')
+            dt = dt.view(G, c, c, kk, kk).permute(0, 1, 3, 2, 4).contiguous()  # (G, c, P, c', P')
+            torch.diagonal(dt, dim1=1, dim2=3).add_(d[..., None] * grad_fro.to(d.dtype))
+            return torch.matmul(dt.view(G, c * kk, c * kk), a).mul_(2), None, None, None, None, None
 
 
 def _penalty_terms(weight: torch.Tensor, geom: ConvGeometry) -> Dict[str, torch.Tensor]:
@@ -163,12 +172,20 @@ def _penalty_terms(weight: torch.Tensor, geom: ConvGeometry) -> Dict[str, torch.
     # Rows (c, p, q) of the side with fewer channels; T = rows rows^T.
     rows = kw.permute(0, 1, 3, 4, 2) if side == "out" else kw.permute(0, 2, 3, 4, 1)
     c = rows.shape[1]
-    gram_sq = _GramSquaredNorm.apply(rows.reshape(G, c * k1 * k2, -1), v, c, k1, k2)
     # ||M||_F^2 = sum_{P,P'} <K_P, K_P'> tr(A_p A_p'^T) tr(B_q B_q'^T); off-diagonal terms of D
     # are non-zero only when circular padding makes two taps land on the same input.
-    kmat = weight.reshape(-1, k1 * k2)
-    fro_sq = (torch.matmul(kmat, dfull) * kmat).sum()
+    gram_sq, fro_sq = _GramSquaredNorm.apply(rows.reshape(G, c * k1 * k2, -1), v, dfull, c, k1, k2)
     return {"gram_sq": gram_sq, "fro_sq": fro_sq}
+
+
+def _frobenius_value(weight: torch.Tensor, geom: ConvGeometry, alpha: float) -> torch.Tensor:
+    """The penalty in ``compute_dtype(weight.dtype)``, autocast off (Note [working precision]).
+
+    ``weight`` and ``alpha`` must be validated already; differentiable.
+    """
+    with no_autocast(weight.device):
+        terms = _penalty_terms(weight.to(compute_dtype(weight.dtype)), geom)
+        return terms["gram_sq"] - 2 * alpha * terms["fro_sq"] + alpha**2 * geom.n_in
 
 
 def frobenius_penalty(
@@ -202,6 +219,16 @@ def frobenius_penalty(
     Gradients come from autograd. The three-term split cancels when ``M`` is nearly orthogonal:
     the absolute error is about ``eps(dtype) * g N1 N2``, so use float64 where that matters.
 
+    **Dtypes.** ``weight`` must be float16, bfloat16, float32 or float64 (anything else raises
+    ``ValueError`` naming the dtype), finite, and ``alpha`` a finite number. float16 and bfloat16
+    weights are computed in float32 and the result is rounded once to the weight's dtype: relative
+    error at most ``finfo(dtype).eps / 2`` (float16 4.9e-4, bfloat16 3.9e-3) plus the float32 error
+    ``~1e-7 g N1 N2``; the gradient has the weight's dtype. float16 holds at most 65504: a larger
+    penalty is returned as ``inf`` with a warning (call it on ``weight.float()`` for a float32
+    value). The computation runs with ``torch.autocast`` disabled, so forward and backward work
+    inside autocast regions (mixed-precision training) and give the same value and gradient as
+    outside. See Note [working precision] in ``convspec/_precision.py``.
+
     >>> import torch
     >>> conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
     >>> r = frobenius_penalty(conv.weight, 32, padding=1)
@@ -226,9 +253,9 @@ def frobenius_penalty(
         groups=groups,
         padding_mode=padding_mode,
     )
-    check_finite(weight)
-    terms = _penalty_terms(weight, geom)
-    return terms["gram_sq"] - 2 * alpha * terms["fro_sq"] + alpha**2 * geom.n_in
+    check_weight(weight)
+    alpha = check_real(alpha, "alpha")
+    return to_weight_dtype(_frobenius_value(weight, geom, alpha), weight.dtype, "frobenius_penalty")
 
 
 def frobenius_penalty_reference(
@@ -247,6 +274,8 @@ def frobenius_penalty_reference(
 
     Same operator and arguments as :func:`frobenius_penalty`; exact up to rounding, but costs
     ``O((g N^2)^2 h N^2)`` time and ``O(g h N^4)`` memory. For tests and small layers only.
+    Dtypes, validation and autocast as in :func:`frobenius_penalty` (float16/bfloat16 computed in
+    float32, the result in the weight's dtype).
 
     >>> w = torch.zeros(2, 2, 3, 3, dtype=torch.float64); w[:, :, 1, 1] = torch.eye(2)
     >>> float(frobenius_penalty_reference(w, 4))   # a delta kernel is an identity operator
@@ -254,19 +283,23 @@ def frobenius_penalty_reference(
 
     References: P.-C. Guo, arXiv:1907.11235, eq. (1.3).
     """
-    m = conv_operator(
-        weight,
-        input_size,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        padding_mode=padding_mode,
-        max_bytes=max_bytes,
-    )
-    gram = m.T @ m
-    gram = gram - alpha * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return gram.square().sum()
+    check_weight(weight)
+    alpha = check_real(alpha, "alpha")
+    with no_autocast(weight.device):
+        m = conv_operator(
+            weight.to(compute_dtype(weight.dtype)),
+            input_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode,
+            max_bytes=max_bytes,
+        )
+        gram = m.T @ m
+        gram = gram - alpha * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        value = gram.square().sum()
+    return to_weight_dtype(value, weight.dtype, "frobenius_penalty_reference")
 
 
 def frobenius_penalty_grad_reference(
@@ -293,7 +326,8 @@ def frobenius_penalty_grad_reference(
     ``Omega`` is read off the 0/1 spatial shift matrix of each tap ``(p, q)``, built by the same
     convolution (for circular padding a position may hold a tap more than once; it then counts
     with that multiplicity). Same operator and arguments as :func:`frobenius_penalty`. Dense:
-    ``O(g h N^4)`` memory. For tests and small layers only.
+    ``O(g h N^4)`` memory. For tests and small layers only. Computed in float32 or better with
+    autocast off; returned in the weight's dtype (validation as in :func:`frobenius_penalty`).
 
     >>> w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     >>> frobenius_penalty(w, 5).backward()
@@ -304,8 +338,19 @@ def frobenius_penalty_grad_reference(
     """
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
     geom = conv_geometry(weight, input_size, groups=groups, **kwargs)
-    weight = weight.detach()
-    m = conv_operator(weight, input_size, groups=groups, max_bytes=max_bytes, **kwargs)
+    check_weight(weight)
+    alpha = check_real(alpha, "alpha")
+    with no_autocast(weight.device):
+        grad = _grad_reference(weight.detach(), input_size, alpha, geom, groups, max_bytes, kwargs)
+    return to_weight_dtype(grad, weight.dtype, "frobenius_penalty_grad_reference")
+
+
+def _grad_reference(weight, input_size, alpha, geom, groups, max_bytes, kwargs) -> torch.Tensor:
+    """:func:`frobenius_penalty_grad_reference` in ``compute_dtype(weight.dtype)``."""
+    m = conv_operator(
+        weight.to(compute_dtype(weight.dtype)), input_size, groups=groups, max_bytes=max_bytes,
+        **kwargs,
+    )
     eye = torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
     dm = 4 * m @ (m.T @ m - alpha * eye)  # dR/dM
     h, gg, k1, k2 = weight.shape
@@ -323,7 +368,7 @@ def frobenius_penalty_grad_reference(
     in_idx = group_of[:, None] * gg + torch.arange(gg, device=m.device)[None, :]  # (h, gg)
     blocks = dm[torch.arange(h, device=m.device)[:, None], :, in_idx]  # (h, gg, P1P2, N1N2)
     grad = torch.einsum("cdij,tij->cdt", blocks, shifts)
-    return grad.reshape(h, gg, k1, k2).to(weight.dtype)
+    return grad.reshape(h, gg, k1, k2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,6 +441,10 @@ def spectral_penalty(
     bottom vector converges slowly when the small singular values cluster, so start with many
     iterations (e.g. 100) where an accurate value matters. Cost per step: ``O(g h k1 k2 N1 N2)``.
 
+    Dtypes, validation and autocast as in :func:`frobenius_penalty`: float16/bfloat16 weights are
+    iterated and evaluated in float32 (the vectors are kept in float32), the result is rounded
+    once to the weight's dtype, and forward and backward work inside ``torch.autocast`` regions.
+
     >>> conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
     >>> state = {}
     >>> p = spectral_penalty(conv.weight, 8, n_power_iterations=50, state=state)
@@ -412,9 +461,8 @@ def spectral_penalty(
         weight, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
         padding_mode=padding_mode,
     )
-    check_finite(weight)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    check_weight(weight)
+    alpha = check_real(alpha, "alpha")
     if (isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int)
             or n_power_iterations < 0):
         raise ValueError(
@@ -424,8 +472,16 @@ def spectral_penalty(
         state = _cached_state(weight, geom)
     elif not isinstance(state, dict):
         raise ValueError(f"state must be a dict (or None), got {type(state).__name__}")
+    with no_autocast(weight.device):
+        value = _spectral_value(weight, geom, alpha, n_power_iterations, state)
+    return to_weight_dtype(value, weight.dtype, "spectral_penalty")
+
+
+def _spectral_value(weight, geom, alpha, n_power_iterations, state) -> torch.Tensor:
+    """:func:`spectral_penalty` in ``compute_dtype(weight.dtype)``; arguments validated."""
     shape = (geom.in_channels, *geom.input_size)
     wide = geom.n_out < geom.n_in
+    weight = weight.to(compute_dtype(weight.dtype))
     w = weight.detach()
     for key in ("u", "v"):
         vec = state.get(key)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
-from ._geometry import PADDING_MODES
-from .penalty import frobenius_penalty
+from ._geometry import PADDING_MODES, check_real, check_weight, check_weight_dtype, conv_geometry
+from ._precision import to_weight_dtype
+from .penalty import _frobenius_value
 
 
 class FrobeniusRegularizer:
@@ -21,6 +23,14 @@ class FrobeniusRegularizer:
     eq. (1.2) of Guo (2019). With ``normalize=True`` each term is divided by the dimension of its
     identity (``g N1 N2`` for a conv, ``in`` for a linear layer), so that one weight suits layers
     of any size. Every term is exact and costs nothing that grows with the image size.
+
+    Every term is computed in float32 or better with ``torch.autocast`` disabled, so the
+    regularizer works in mixed-precision training (call it inside or outside the autocast region;
+    forward and backward give the values and gradients of the float32 computation). The sum is
+    accumulated in that precision and rounded once to the weights' promoted dtype (bfloat16 for
+    a bfloat16 model, float32 for a float32 model under autocast): accuracy as in
+    :func:`frobenius_penalty`. Weights must be float16, bfloat16, float32 or float64 and ``alpha``
+    finite, else ``ValueError`` (naming the layer for a bad dtype).
 
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
     ...                       nn.Linear(8 * 16 * 16, 10))
@@ -44,7 +54,7 @@ class FrobeniusRegularizer:
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.alpha = float(alpha)
+        self.alpha = check_real(alpha, "alpha")
         self.normalize = normalize
         self.convs: Dict[str, nn.Conv2d] = {}
         self.linears: Dict[str, nn.Linear] = {}
@@ -55,8 +65,10 @@ class FrobeniusRegularizer:
                         f"layer {name!r} uses padding_mode={module.padding_mode!r}; "
                         f"the exact penalty supports {PADDING_MODES}"
                     )
+                check_weight_dtype(module.weight, f"layer {name!r}: weight")
                 self.convs[name] = module
             elif isinstance(module, nn.Linear) and include_linear:
+                check_weight_dtype(module.weight, f"layer {name!r}: weight")
                 self.linears[name] = module
         if not self.convs and not self.linears:
             raise ValueError("model has no nn.Conv2d or nn.Linear layer to regularise")
@@ -71,41 +83,56 @@ class FrobeniusRegularizer:
 
         return hook
 
-    def penalties(self) -> Dict[str, torch.Tensor]:
-        """The term of each layer, by module name (differentiable)."""
+    def _terms(self) -> Dict[str, Tuple[torch.Tensor, torch.dtype]]:
+        """Per layer: the term in float32 or better (autocast off) and its weight's dtype."""
         missing = [n for n in self.convs if n not in self.input_sizes]
         if missing:
             raise RuntimeError(
                 f"no input size recorded for conv layer(s) {missing[:3]}: run a forward pass "
                 "of the model before computing the penalty"
             )
-        out: Dict[str, torch.Tensor] = {}
+        out: Dict[str, Tuple[torch.Tensor, torch.dtype]] = {}
         for name, conv in self.convs.items():
             size = self.input_sizes[name]
-            term = frobenius_penalty(
+            geom = conv_geometry(
                 conv.weight,
                 size,
-                self.alpha,
                 stride=conv.stride,
                 padding=conv.padding,
                 dilation=conv.dilation,
                 groups=conv.groups,
                 padding_mode=conv.padding_mode,
             )
+            check_weight(conv.weight, f"layer {name!r}: weight")
+            term = _frobenius_value(conv.weight, geom, self.alpha)
             if self.normalize:
                 term = term / (conv.in_channels * size[0] * size[1])
-            out[name] = term
+            out[name] = (term, conv.weight.dtype)
         for name, lin in self.linears.items():
+            check_weight_dtype(lin.weight, f"layer {name!r}: weight")
+            # W (out x in) is the operator of a 1x1 convolution on a 1x1 input, so the same
+            # computation (Gram on the smaller side, autocast-proof backward) gives
+            # ||W^T W - aI||^2 = ||W W^T||^2 - 2a ||W||^2 + a^2 in.
             w = lin.weight
-            # ||W^T W - aI||^2 = ||W W^T||^2 - 2a ||W||^2 + a^2 in: Gram on the smaller side.
-            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-            term = gram.square().sum() - 2 * self.alpha * w.square().sum() + self.alpha**2 * w.shape[1]
-            out[name] = term / w.shape[1] if self.normalize else term
+            geom = conv_geometry((w.shape[0], w.shape[1], 1, 1), 1, padding=0)
+            term = _frobenius_value(w.reshape(*w.shape, 1, 1), geom, self.alpha)
+            out[name] = (term / w.shape[1] if self.normalize else term, w.dtype)
         return out
 
+    def penalties(self) -> Dict[str, torch.Tensor]:
+        """The term of each layer, by module name, in that layer's weight dtype (differentiable)."""
+        return {
+            name: to_weight_dtype(term, dtype, f"FrobeniusRegularizer term {name!r}")
+            for name, (term, dtype) in self._terms().items()
+        }
+
     def __call__(self) -> torch.Tensor:
-        """The sum of all terms (differentiable)."""
-        return torch.stack(list(self.penalties().values())).sum()
+        """The sum of all terms (differentiable), accumulated in float32 or better and rounded
+        once to the promoted dtype of the weights."""
+        terms = self._terms().values()
+        total = sum(term for term, _ in terms)
+        dtype = reduce(torch.promote_types, (dtype for _, dtype in terms))
+        return to_weight_dtype(total, dtype, "FrobeniusRegularizer")
 
     def remove(self) -> None:
         """Remove the forward pre-hooks from the model."""

@@ -1,0 +1,48 @@
+"""Singular Value Bounding (SVB) and Bounded Batch Normalization (BBN), as training-time tools.
+
+Jia et al. (CVPR 2017) keep every layer close to orthogonal during training: every ``T``
+iterations, each weight matrix ``W = U diag(s) V^T`` is replaced by ``U diag(clip(s)) V^T`` with
+``clip`` into ``[1/(1+eps), 1+eps]`` (Algorithm 1), and each BatchNorm's scale ``gamma`` is
+bounded relative to its mean (Algorithm 2).
+
+**What is bounded.** The singular values of the *reshaped kernel*, not of the convolution
+operator: a ``Linear`` weight ``(out, in)`` is bounded as it is, a convolution weight
+``(out, in // groups, *kernel_size)`` is split into ``groups`` matrices of shape
+``(out // groups) x (in // groups * prod(kernel_size))`` (one per group, each bounded on its own).
+The convolution operator ``M`` of :func:`convspec.conv_operator` has different singular values
+(they depend on the input size, padding and stride, and can exceed those of the reshaped kernel by
+up to a factor ``sqrt(kh * kw)``); SVB does not control them.
+
+Three layers, each usable alone: :func:`bound_singular_values` (a tensor in, a tensor out),
+:func:`svb_` and :func:`bbn_` (in place on a model, DDP-safe), and :class:`SingularValueBounding`
+(the schedule, called after ``optimizer.step()``).
+
+References: K. Jia, D. Tao, S. Gao, X. Xu, "Improving training of deep neural networks via
+Singular Value Bounding", CVPR 2017, Algorithms 1 and 2.
+"""
+
+# The implementation, along its seams: matrices (the tensor layer), layers (which modules, which
+# matrices), distributed (collectives), svb (svb_, plan/commit, reports), bbn, schedule.
+from .bbn import BATCHNORMS, BBN_MODES, bbn_
+from .distributed import _Dist, _dist_context
+from .layers import SUPPORTED_LAYERS, Skip, _check_layers, _collect_layers, _weight_of
+from .matrices import (
+    APPLY_RHO,
+    GRAM_MIN_ASPECT,
+    GRAM_TOLERANCE,
+    METHODS,
+    _gram_allowed,
+    _gram_route,
+    bound_singular_values,
+)
+from .schedule import SingularValueBounding
+from .svb import LayerBound, SVBReport, svb_
+
+__all__ = [
+    "LayerBound",
+    "SVBReport",
+    "SingularValueBounding",
+    "bbn_",
+    "bound_singular_values",
+    "svb_",
+]

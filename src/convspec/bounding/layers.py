@@ -1,24 +1,65 @@
 """Which modules SVB acts on, and the matrices it reads from their weights.
 
 Walks a model (or an iterable of modules) once, applies ``layers`` and ``skip``, validates each
-weight (stored, initialised, floating point) and views it as a stack of per-group matrices.
+weight (stored, initialised, floating point) and views it as a stack of per-group matrices
+(Note [the bounded matrix of each layer type]). :func:`convspec.svb_`, :func:`convspec.orthogonal_`
+and :func:`convspec.delta_orthogonal_` all read weights through here.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .._geometry import check_weight_dtype
 
-#: Layer types whose weight ``svb_`` knows how to reshape (transposed convolutions are not:
-#: their weight is ``(in, out // groups, *k)``).
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Note [the bounded matrix of each layer type]: SVB bounds, per group j, the matrix that the layer
+# applies to one patch of its input, which is a reshape of group j's block of the weight (rows
+# j * r .. (j+1) * r - 1 of ``weight.reshape(weight.shape[0], -1)``, r = weight.shape[0] / groups):
+#
+#   Linear           (out, in)               W itself, out x in.
+#   Conv{1,2,3}d     (out, in/g, *k)         W_j, (out/g) x (in/g * prod k): output channels of
+#                                             group j against its input channels x taps.
+#   ConvTranspose    (in, out/g, *k)         W_j, (in/g) x (out/g * prod k): input channels of
+#   {1,2,3}d                                  group j against its output channels x taps.
+#
+# For a convolution, W_j is Jia et al.'s reshaped kernel: every output position is W_j times the
+# flattened (in/g, *k) input patch (im2col), so the operator is (I (x) W) after im2col, and on an
+# input exactly one patch large (padding 0) the operator *is* block-diag_j(W_j).
+# A transposed convolution is the adjoint of the convolution (out -> in channels) that has the same
+# weight tensor (``F.conv_transpose`` is the input-gradient of ``F.conv``), so its operator is
+# M_conv^T = col2im after (I (x) W^T): every input position's (in/g) channel vector x becomes the
+# (out/g, *k) patch W_j^T x, added into the output. W_j^T is the transposed layer's per-patch
+# matrix (on a one-pixel input with padding 0 its operator is block-diag_j(W_j^T)), and W_j^T has
+# the singular values of W_j, which is the reshaped kernel of the convolution it is the adjoint
+# of. Bounding W_j is the analogue of Jia's reshaped kernel; it is also a view of the weight (no
+# permutation). The other reshape, (out/g) x (in/g * prod k) read through the output channels,
+# has different singular values and no such meaning. When the patches do not overlap (stride ==
+# kernel_size, dilation 1, padding 0, sizes multiples of the stride) the operator is
+# block-diagonal in these matrices and its singular values are exactly theirs (tested against the
+# dense operator in tests/test_bounding_layers.py).
+
+#: Convolutions (and their ``Lazy*`` forms, which are subclasses) whose weight is
+#: ``(out, in // groups, *k)``.
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Transposed convolutions (and ``Lazy*`` forms), whose weight is ``(in, out // groups, *k)``.
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: Layer types whose weight ``svb_`` and ``orthogonal_`` read as matrices (the default
+#: ``layers``), see Note [the bounded matrix of each layer type].
+SUPPORTED_LAYERS = (nn.Linear,) + CONVS + TRANSPOSED_CONVS
 
 Skip = Union[None, Callable[[str, nn.Module], bool], Iterable[Union[str, nn.Module]]]
+
+
+def _matrices(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``weight`` as ``(groups, weight.shape[0] // groups, -1)``: group j's block of rows, a view
+    where the layout allows (the one reshape every SVB and init path goes through)."""
+    return weight.reshape(groups, weight.shape[0] // groups, -1)
 
 
 def _check_layers(layers) -> Tuple[type, ...]:
@@ -31,8 +72,8 @@ def _check_layers(layers) -> Tuple[type, ...]:
     for cls in layers:
         if not (isinstance(cls, type) and issubclass(cls, SUPPORTED_LAYERS)):
             raise ValueError(
-                f"layers must be subclasses of nn.Linear or nn.Conv1d/2d/3d, got {cls!r} "
-                "(transposed convolutions are not supported: their weight is (in, out/groups, ...))"
+                f"layers must be subclasses of nn.Linear, nn.Conv1d/2d/3d or "
+                f"nn.ConvTranspose1d/2d/3d, got {cls!r}"
             )
     if not layers:
         raise ValueError("layers must name at least one layer class")
@@ -117,7 +158,10 @@ def _weight_of(name: str, module: nn.Module) -> torch.nn.Parameter:
             "(a weight_norm hook or a custom module?); refusing to overwrite it"
         )
     if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(f"layer {label!r} is lazy and not initialised yet (run a forward first)")
+        raise ValueError(
+            f"layer {label!r} ({type(module).__name__}) is lazy and not initialised yet: it has no "
+            "weight to read; run a forward pass first, or exclude it with skip="
+        )
     check_weight_dtype(weight, f"layer {label!r}: weight")
     return weight
 
@@ -131,18 +175,34 @@ class _Layer:
     groups: int
 
     def matrices(self) -> torch.Tensor:
-        """The weight as ``(groups, out // groups, in // groups * prod(k))``, a view."""
-        w = self.weight.detach()
-        return w.reshape(self.groups, w.shape[0] // self.groups, -1)
+        """The weight as ``(groups, rows, cols)``, a view (Note [the bounded matrix ...]).
+
+        ``rows x cols`` is ``out x in`` (Linear), ``(out // groups) x (in // groups * prod(k))``
+        (convolution) or ``(in // groups) x (out // groups * prod(k))`` (transposed convolution).
+        """
+        return _matrices(self.weight.detach(), self.groups)
 
 
-def _collect_layers(modules, layers, skip) -> List[_Layer]:
+def _collect_layers(modules, layers, skip, caller: str = "svb_") -> List[_Layer]:
+    """The layers of ``modules`` that are instances of ``layers`` and not skipped, validated.
+
+    Raises ``ValueError`` naming the layer for anything that cannot be read (parametrized,
+    not a Parameter, lazy and uninitialised, not floating point, wrong shape). A convolution
+    that is none of the types above (a custom ``_ConvNd`` subclass) is named in a
+    ``RuntimeWarning``, not skipped silently.
+    """
     layers = _check_layers(layers)
     skipped = _skip_predicate(skip)
     found: List[_Layer] = []
+    unknown: List[str] = []
     seen_weights = set()
     for name, module in _iter_named_modules(modules):
-        if not isinstance(module, layers) or skipped(name, module):
+        if not isinstance(module, layers):
+            if isinstance(module, _ConvNd) and not isinstance(module, SUPPORTED_LAYERS):
+                if not skipped(name, module):
+                    unknown.append(f"{name or '<model>'!r} ({type(module).__name__})")
+            continue
+        if skipped(name, module):
             continue
         weight = _weight_of(name, module)
         if id(weight) in seen_weights:  # tied weights: bound once
@@ -151,11 +211,20 @@ def _collect_layers(modules, layers, skip) -> List[_Layer]:
         groups = getattr(module, "groups", 1)
         expected = 2 if isinstance(module, nn.Linear) else 2 + len(module.kernel_size)
         if weight.dim() != expected or weight.shape[0] % groups != 0 or weight.numel() == 0:
+            first = "in_channels" if getattr(module, "transposed", False) else "out_channels"
             raise ValueError(
                 f"layer {name or '<model>'!r}: weight has shape {tuple(weight.shape)}, expected "
-                f"{expected} dimensions with out_channels divisible by groups={groups}"
+                f"{expected} dimensions with {first} divisible by groups={groups}"
             )
         found.append(_Layer(len(found), name, module, weight, groups))
+    if unknown:
+        warnings.warn(
+            f"{caller}: layer(s) {', '.join(unknown)}: a convolution type convspec does not "
+            "know, left unchanged; supported: nn.Linear, nn.Conv1d/2d/3d, "
+            "nn.ConvTranspose1d/2d/3d (pass skip= to silence this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return found
 
 
@@ -166,4 +235,4 @@ def _first_nonfinite(tensors: Sequence[torch.Tensor]) -> int:
     return -1
 
 
-__all__ = ["SUPPORTED_LAYERS", "Skip"]
+__all__ = ["CONVS", "SUPPORTED_LAYERS", "Skip", "TRANSPOSED_CONVS"]

@@ -18,6 +18,7 @@ import torch
 
 from .._geometry import check_weight_dtype
 from .._precision import no_autocast
+from .layers import _matrices
 
 METHODS = ("auto", "svd", "gram")
 
@@ -265,10 +266,15 @@ def bound_singular_values(
 ) -> torch.Tensor:
     """Return ``weight`` with the singular values of its reshaped matrices clipped into the band.
 
-    ``weight`` is a ``Linear`` weight ``(out, in)`` or a convolution weight
-    ``(out, in // groups, *kernel_size)``. It is read as ``groups`` matrices of shape
-    ``(out // groups) x (in // groups * prod(kernel_size))`` and each ``W = U diag(s) V^T`` is
-    replaced by ``U diag(clip(s, 1/(1+eps), 1+eps)) V^T`` (Jia et al., Algorithm 1, lines 4-6).
+    ``weight`` (any shape with at least 2 dimensions) is read as ``groups`` matrices, group
+    ``j`` being rows ``j * r .. (j + 1) * r - 1`` of ``weight.reshape(weight.shape[0], -1)``,
+    ``r = weight.shape[0] // groups``: for a ``Linear`` weight ``(out, in)`` the matrix itself,
+    for a convolution weight ``(out, in // groups, *kernel_size)`` the
+    ``(out // groups) x (in // groups * prod(kernel_size))`` reshaped kernels, for a transposed
+    convolution weight ``(in, out // groups, *kernel_size)`` the
+    ``(in // groups) x (out // groups * prod(kernel_size))`` ones (see :func:`convspec.svb_` for
+    why). Each ``W = U diag(s) V^T`` is replaced by ``U diag(clip(s, 1/(1+eps), 1+eps)) V^T``
+    (Jia et al., Algorithm 1, lines 4-6).
     These are the singular values of the reshaped kernel, **not** of the convolution operator
     (see :func:`convspec.conv_operator`), which are different. Matrices whose values are all in
     the band come back bit-identical. Not in place, not differentiable.
@@ -300,12 +306,14 @@ def bound_singular_values(
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     if weight.shape[0] % groups:
-        raise ValueError(f"out_channels ({weight.shape[0]}) is not divisible by groups ({groups})")
+        raise ValueError(
+            f"weight.shape[0] ({weight.shape[0]}: out_channels, or in_channels of a transposed "
+            f"convolution) is not divisible by groups ({groups})"
+        )
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or Inf values")
     lo, hi = _band(eps)
-    w = weight.detach()
-    mats = w.reshape(groups, w.shape[0] // groups, -1)
+    mats = _matrices(weight.detach(), groups)
     try:
         ((new, _, _, _),) = _bound_matrices([mats], lo, hi, dtype, method)
     except _DecompositionError as err:

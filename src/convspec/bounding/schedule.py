@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import torch
-from torch import nn
 
 from .bbn import BBN_MODES, _plan_bbn
-from .layers import Skip, _check_layers
+from .layers import SUPPORTED_LAYERS, Skip, _check_layers
 from .matrices import _check_dtype, _check_eps, _check_method
 from .svb import SVBReport, _plan_svb
 
@@ -30,7 +29,9 @@ class SingularValueBounding:
     configuration (``eps``, ``every``, ``bbn_eps``, ``bbn_mode``), so a resumed run bounds at the
     same iterations. ``layers``, ``skip``, ``dtype``, ``method``, ``distributed`` and
     ``process_group`` are passed to :func:`svb_` / :func:`bbn_` (see there; under
-    ``torch.distributed`` every rank must call :meth:`step`).
+    ``torch.distributed`` every rank must call :meth:`step`). By default every ``Linear``,
+    ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` is bounded; a ``Lazy*`` layer must have run a
+    forward pass before the first bounding step (else ``ValueError`` naming it).
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     >>> svb = SingularValueBounding(model, eps=0.05, every=2, bbn_eps=0.2)
@@ -54,7 +55,7 @@ class SingularValueBounding:
         every: int,
         bbn_eps: Optional[float] = None,
         bbn_mode: str = "bbn",
-        layers: Sequence[type] = (nn.Conv2d, nn.Linear),
+        layers: Sequence[type] = SUPPORTED_LAYERS,
         skip: Skip = None,
         dtype: torch.dtype = torch.float64,
         method: str = "auto",

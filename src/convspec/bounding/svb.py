@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from .distributed import _check_consistent, _comm_device, _dist_context, _exchange
-from .layers import Skip, _collect_layers, _first_nonfinite
+from .layers import SUPPORTED_LAYERS, Skip, _collect_layers, _first_nonfinite
 from .matrices import (
     _DecompositionError,
     _band,
@@ -216,7 +215,7 @@ def svb_(
     modules,
     eps: float,
     *,
-    layers: Sequence[type] = (nn.Conv2d, nn.Linear),
+    layers: Sequence[type] = SUPPORTED_LAYERS,
     skip: Skip = None,
     dtype: torch.dtype = torch.float64,
     method: str = "auto",
@@ -231,21 +230,40 @@ def svb_(
     ``W = U diag(s) V^T`` becomes ``U diag(clip(s, 1/(1+eps), 1+eps)) V^T``, same singular
     vectors (Jia et al., Algorithm 1, lines 4-6). Bias, buffers and other parameters are untouched.
 
-    **What is bounded:** a ``Linear`` weight ``(out, in)`` as it is; a convolution weight
-    ``(out, in // groups, kh, kw)`` as ``groups`` matrices ``(out // groups) x
-    (in // groups * kh * kw)``, each on its own (the authors' released code ignores groups). These
-    are the singular values of the *reshaped kernel*, not of the convolution operator
-    (:func:`convspec.conv_operator`), whose singular values are different and not bounded by this.
+    **What is bounded** (per group, each group on its own; the authors' released code ignores
+    groups), for the layers ``Linear``, ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` (the
+    default ``layers``; their ``Lazy*`` forms once initialised):
 
-    ``layers`` must be subclasses of ``nn.Linear`` or ``nn.Conv1d/2d/3d``. ``skip`` is a callable
+    * ``Linear``, weight ``(out, in)``: the ``out x in`` matrix itself;
+    * convolution, weight ``(out, in // groups, *k)``: group ``j``'s rows
+      ``weight[j * out // groups : (j + 1) * out // groups]`` reshaped to
+      ``(out // groups) x (in // groups * prod(k))``, Jia's reshaped kernel (each output position
+      is this matrix times one input patch);
+    * transposed convolution, weight ``(in, out // groups, *k)``: group ``j``'s rows
+      ``weight[j * in // groups : (j + 1) * in // groups]`` reshaped to
+      ``(in // groups) x (out // groups * prod(k))``. The layer is the adjoint of the
+      convolution (``out -> in`` channels) with the same weight tensor, whose reshaped kernel this
+      is; the layer maps each input position's channels ``x`` to the output patch ``W_j^T x``,
+      and ``W_j^T`` has the same singular values (Note [the bounded matrix of each layer type] in
+      ``convspec/bounding/layers.py``).
+
+    These are the singular values of the *reshaped kernel*, not of the operator
+    (:func:`convspec.conv_operator`), whose singular values depend on the input size, padding and
+    stride and are not bounded by this (they coincide when patches do not overlap:
+    ``stride == kernel_size``, ``padding=0``).
+
+    ``layers`` must be subclasses of the types above. ``skip`` is a callable
     ``(name, module) -> bool``, or names (a name skips that module and everything under it) and
-    modules. Decompositions run in ``dtype`` (float64 by default) and the result is written in the
-    weight's dtype; ``method`` chooses SVD or the Gram route as in :func:`bound_singular_values`;
-    equal-shaped matrices are decomposed in one batch.
+    modules. A convolution outside those types (a custom ``_ConvNd`` subclass) is named in a
+    ``RuntimeWarning`` and left unchanged. Decompositions run in ``dtype`` (float64 by default)
+    and the result is written in the weight's dtype; ``method`` chooses SVD or the Gram route as
+    in :func:`bound_singular_values`; equal-shaped matrices are decomposed in one batch.
 
     **Safety:** everything is computed before anything is written. Non-finite ``eps`` or
     ``eps <= 0``, a NaN/Inf weight, a weight that is not float16/bfloat16/float32/float64, an
-    unsupported layer type or a parametrized weight raise ``ValueError`` naming the layer; a failed decomposition raises ``RuntimeError``; in every
+    unsupported layer type, a parametrized weight or a ``Lazy*`` layer that has not been
+    initialised yet (no forward pass: it has no weight; run one or ``skip`` it) raise
+    ``ValueError`` naming the layer; a failed decomposition raises ``RuntimeError``; in every
     case no weight has changed.
 
     **Distributed:** when ``torch.distributed`` is initialized (or ``distributed=True``) this is
@@ -258,12 +276,16 @@ def svb_(
     Returns an :class:`SVBReport`: per layer the singular value range before and after and how
     many values were clipped.
 
-    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(),
-    ...                             torch.nn.Linear(8 * 30 * 30, 10))
+    >>> model = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 5), torch.nn.Flatten(),
+    ...                             torch.nn.Linear(8 * 28, 4 * 10), torch.nn.Unflatten(1, (4, 10)),
+    ...                             torch.nn.ConvTranspose1d(4, 6, 3, groups=2))
     >>> report = svb_(model, eps=0.05)
     >>> [row.name for row in report.layers]
-    ['0', '2']
-    >>> s = torch.linalg.svdvals(model[0].weight.reshape(8, -1).double())
+    ['0', '2', '4']
+    >>> s = torch.linalg.svdvals(model[0].weight.reshape(8, -1).double())          # 8 x (3 * 5)
+    >>> bool((s >= 1 / 1.05 - 1e-6).all() and (s <= 1.05 + 1e-6).all())
+    True
+    >>> s = torch.linalg.svdvals(model[4].weight.reshape(2, 2, -1).double())       # 2 x (3 * 3)
     >>> bool((s >= 1 / 1.05 - 1e-6).all() and (s <= 1.05 + 1e-6).all())
     True
 

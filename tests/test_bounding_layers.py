@@ -156,7 +156,7 @@ def test_svb_property_over_geometries(dim, transposed, groups, a_g, b_g, k, scal
     torch.testing.assert_close(layer.weight.double(), ref, rtol=rtol, atol=rtol * max(scale, 1))
 
 
-# ------------------------------------------------------------------------------ what the matrix means
+# ------------------------------------------------------------------------- what the matrix means
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])

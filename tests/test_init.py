@@ -1,7 +1,7 @@
 """orthogonal_ (reshaped kernel) and delta_orthogonal_ (operator), checked with the dense M.
 
-The dense operator is built by applying the module itself to unit impulses (tests/_module_operator.py),
-so these tests do not depend on convspec's own operator code.
+The dense operator is built by applying the module itself to unit impulses
+(tests/_module_operator.py), so these tests do not depend on convspec's own operator code.
 """
 
 import math

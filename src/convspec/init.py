@@ -91,7 +91,7 @@ def orthogonal_(
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
     if isinstance(module, SUPPORTED_LAYERS):  # a single layer is always accepted
         layers, skip = SUPPORTED_LAYERS, None
-    targets = _collect_layers(module, layers, skip, caller="orthogonal_")  # validates all
+    targets = _collect_layers(module, layers, skip, "orthogonal_", 3)  # validates all
     if not targets and not isinstance(module, SUPPORTED_LAYERS):
         raise ValueError(
             f"orthogonal_: {type(module).__name__} is not a Linear/Conv layer and contains "

@@ -29,20 +29,23 @@ from .._geometry import check_weight_dtype
 #   {1,2,3}d                                  group j against its output channels x taps.
 #
 # For a convolution, W_j is Jia et al.'s reshaped kernel: every output position is W_j times the
-# flattened (in/g, *k) input patch (im2col), so the operator is (I (x) W) after im2col, and on an
+# flattened (in/g, *k) input patch (im2col), so the operator is (I (x) W) after im2col; on an
 # input exactly one patch large (padding 0) the operator *is* block-diag_j(W_j).
+#
 # A transposed convolution is the adjoint of the convolution (out -> in channels) that has the same
 # weight tensor (``F.conv_transpose`` is the input-gradient of ``F.conv``), so its operator is
 # M_conv^T = col2im after (I (x) W^T): every input position's (in/g) channel vector x becomes the
-# (out/g, *k) patch W_j^T x, added into the output. W_j^T is the transposed layer's per-patch
-# matrix (on a one-pixel input with padding 0 its operator is block-diag_j(W_j^T)), and W_j^T has
-# the singular values of W_j, which is the reshaped kernel of the convolution it is the adjoint
-# of. Bounding W_j is the analogue of Jia's reshaped kernel; it is also a view of the weight (no
-# permutation). The other reshape, (out/g) x (in/g * prod k) read through the output channels,
-# has different singular values and no such meaning. When the patches do not overlap (stride ==
-# kernel_size, dilation 1, padding 0, sizes multiples of the stride) the operator is
-# block-diagonal in these matrices and its singular values are exactly theirs (tested against the
-# dense operator in tests/test_bounding_layers.py).
+# (out/g, *k) output patch W_j^T x, added into the output. So W_j^T is the transposed layer's
+# per-patch matrix (on a one-pixel input with padding 0 its operator *is* block-diag_j(W_j^T)),
+# W_j is the reshaped kernel of the convolution it is the adjoint of, and the two have the same
+# singular values: bounding W_j is the analogue of Jia's reshaped kernel. It is also a view of the
+# weight (no permutation). The other reshape, (out/g) x (in/g * prod k) through the output
+# channels (the reshaped kernel of the stride-1 forward convolution with flipped taps that equals
+# the layer at stride 1), has different singular values and is not used: at stride > 1 that
+# forward convolution runs on a zero-stuffed input, so no output position sees all its columns,
+# and when patches do not overlap (stride == kernel_size, dilation 1, padding 0) the operator is
+# block-diag(W_j^T), whose singular values are those of W_j, not of the other reshape (both tested
+# against the dense operator in tests/test_bounding_layers.py).
 
 #: Convolutions (and their ``Lazy*`` forms, which are subclasses) whose weight is
 #: ``(out, in // groups, *k)``.
@@ -183,7 +186,9 @@ class _Layer:
         return _matrices(self.weight.detach(), self.groups)
 
 
-def _collect_layers(modules, layers, skip, caller: str = "svb_") -> List[_Layer]:
+def _collect_layers(
+    modules, layers, skip, caller: str = "svb_", stacklevel: int = 4
+) -> List[_Layer]:
     """The layers of ``modules`` that are instances of ``layers`` and not skipped, validated.
 
     Raises ``ValueError`` naming the layer for anything that cannot be read (parametrized,
@@ -223,7 +228,7 @@ def _collect_layers(modules, layers, skip, caller: str = "svb_") -> List[_Layer]
             "know, left unchanged; supported: nn.Linear, nn.Conv1d/2d/3d, "
             "nn.ConvTranspose1d/2d/3d (pass skip= to silence this)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,  # the caller of svb_ (via _plan_svb) or of orthogonal_
         )
     return found
 

@@ -12,7 +12,7 @@ import torch
 from convspec.cli import main
 from convspec.train.loop import TrainConfig, learning_rate
 
-TINY = ["--data", "synthetic", "--model", "convnet", "--depth", "8", "--batch-size", "32",
+TINY = ["--data", "synthetic", "--model", "convnet-8", "--batch-size", "32",
         "--n-train", "128", "--n-test", "64", "--no-progress", "--lr", "0.05"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +93,15 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("flags,msg", [
-    (["--depth", "21"], "6X\\+2"), (["--data", "mnist"], "invalid choice"),
+    (["--model", "convnet-21"], "6X\\+2"), (["--data", "mnist"], "invalid choice"),
     (["--method", "adam"], "invalid choice"), (["--epochs", "0"], "positive integer"),
-    (["--model", "wrn", "--depth", "20"], "6n\\+4"), (["--width", "2"], "wrn only"),
+    (["--model", "wrn-20-10"], "6n\\+4"), (["--model", "convnet-20-2"], "no widen factor"),
+    (["--model", "convnet"], "needs its depth"), (["--model", "resnet-20"], "unknown model"),
+    (["--model", "preact_resnet-68"], "now written 'preact-resnet-68'"),
+    # The old form names the new one.
+    (["--model", "convnet", "--depth", "38"], "--model convnet-38"),
+    (["--model", "wrn", "--depth", "28", "--width", "10"], "--model wrn-28-10"),
+    (["--depth", "14"], "--model convnet-14"),
     (["--momentum", "-1"], "momentum"), (["--momentum", "0", "--nesterov"], "nesterov"),
     (["--weight-decay", "-0.1"], "weight-decay"), (["--frob-weight", "inf"], "frob-weight"),
     (["--device", "quantum"], "device"),
@@ -184,7 +190,7 @@ def test_compare_methods_over_seeds(tmp_path, capsys):
     from convspec.train.models import build_model
 
     run = summary["results"]["svb+bbn"]["runs"][0]
-    model = build_model("convnet", 8, 1, num_classes=4, in_channels=1)
+    model = build_model("convnet-8", num_classes=4, in_channels=1)
     model.load_state_dict(torch.load(out / "svb+bbn-seed0" / "checkpoint.pt", weights_only=True)["model"])
     conv = model.features[0]
     smax, smin = extreme_singular_values(conv.weight, 16, padding=conv.padding)
@@ -201,7 +207,7 @@ def test_compare_bad_flags_exit_2(tmp_path):
         main(["compare", *TINY, "--methods", "adam", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
-        main(["compare", *TINY, "--depth", "9", "--out", str(tmp_path / "x")])
+        main(["compare", *TINY, "--model", "convnet-9", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
 
 

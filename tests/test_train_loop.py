@@ -240,3 +240,104 @@ def test_compare_refuses_a_run_of_another_configuration(tmp_path, capsys):
     rc = main(["compare", *TINY, "--methods", "sgd", "--seeds", "0", "--epochs", "1",
                "--out", str(out)])
     assert rc == 1 and "lr: 0.2 -> 0.05" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_the_running_mean_loss_of_the_epoch(tmp_path, monkeypatch):
+    """The postfix after batch i is the mean loss of batches 1..i of the epoch: after the last
+    batch it is the epoch's train_loss, and it is not the last batch's loss."""
+    import contextlib
+
+    import convspec.train.loop as loop
+
+    bars = []
+
+    class FakeBar:
+        def __init__(self, desc):
+            self.desc, self.postfix, self.steps = desc, [], 0
+
+        def update(self, n=1):
+            self.steps += n
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix.append(s)
+
+    @contextlib.contextmanager
+    def fake_progress_bar(total, desc, enabled=True):
+        bars.append(FakeBar(desc))
+        yield bars[-1]
+
+    batch_losses = []
+    real_ce = loop.F.cross_entropy
+
+    def recording_ce(logits, y, **kw):
+        loss = real_ce(logits, y, **kw)
+        if logits.requires_grad:  # training batches, not evaluation
+            batch_losses.append((float(loss.detach()), y.shape[0]))
+        return loss
+
+    monkeypatch.setattr(loop, "progress_bar", fake_progress_bar)
+    monkeypatch.setattr(loop.F, "cross_entropy", recording_ce)
+    cfg = TrainConfig(data="synthetic", model="convnet-8", epochs=2, batch_size=48, n_train=128,
+                      n_test=32, lr=0.05)
+    result = loop.train(cfg, tmp_path / "run", progress=True)
+    assert [b.desc for b in bars] == ["epoch 1/2", "epoch 2/2"]
+    per_epoch = [batch_losses[:3], batch_losses[3:]]  # 48 + 48 + 32 examples
+    for bar, row, losses in zip(bars, result.history, per_epoch):
+        assert bar.steps == len(bar.postfix) == 3
+        total = seen = 0
+        for text, (loss, n) in zip(bar.postfix, losses):
+            total, seen = total + loss * n, seen + n
+            assert text == f"loss {total / seen:.3f}"
+        assert bar.postfix[-1] == f"loss {row['train_loss']:.3f}"
+    assert any(bar.postfix[-1] != f"loss {losses[-1][0]:.3f}" for bar, losses in zip(bars, per_epoch))
+
+
+def test_runs_of_the_old_model_naming_resume_and_are_reused(tmp_path, capsys):
+    """A run directory written before the one naming (config keys model='convnet', depth,
+    width) resumes under --model convnet-8, is reused by compare and read by plot."""
+    from convspec.train.rundir import RunDir
+
+    out = tmp_path / "cmp"
+    run = out / "sgd-seed0"
+    assert main(["train", *TINY, "--method", "sgd", "--epochs", "1", "--out", str(run)]) == 0
+    # Rewrite the run as the old code wrote it.
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    old = lambda c: {**{k: v for k, v in c.items() if k != "model"},
+                     "model": "convnet", "depth": 8, "width": 1}
+    state["config"] = old(state["config"])
+    state["record"]["config"] = old(state["record"]["config"])
+    torch.save(state, run / "checkpoint.pt")
+    record = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "config": old(record["config"])}))
+
+    assert RunDir(run).record()["config"]["model"] == "convnet-8"
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    # compare counts it as a finished run of the same config: reused, not retrained.
+    before = (run / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["compare", *TINY, "--methods", "sgd", "--seeds", "0", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == before
+    # --resume accepts it (same config in the new naming) and writes the new naming.
+    assert main(["train", *TINY, "--method", "sgd", "--epochs", "2", "--out", str(run),
+                 "--resume"]) == 0
+    stored = json.loads((run / "config.json").read_text())["config"]
+    assert stored["model"] == "convnet-8" and "depth" not in stored
+    # Another depth is still another configuration.
+    assert main(["train", *TINY[:2], "--model", "convnet-14", *TINY[4:], "--method", "sgd",
+                 "--epochs", "3", "--out", str(run), "--resume"]) == 1
+    assert "model: 'convnet-8' -> 'convnet-14'" in capsys.readouterr().err
+
+
+def test_the_records_are_readable(tmp_path, capsys):
+    """records/fmnist_compare (written with the old naming, no checkpoints) still plots."""
+    from convspec.train.plots import run_label
+    from convspec.train.rundir import RunDir
+
+    runs = sorted((ROOT / "records" / "fmnist_compare").glob("*-seed*"))
+    assert len(runs) == 9
+    for run in runs:
+        assert RunDir(run).record()["config"]["model"] == "convnet-20"
+        assert len(RunDir(run).history()) == 5
+    assert "convnet-20" in run_label(runs[0])
+    assert main(["plot", *map(str, runs), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

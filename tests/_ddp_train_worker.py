@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from convspec.train.loop import TrainConfig, train
+from convspec.train.config import TrainConfig
+from convspec.train.loop import train
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from convspec.cli import main
-from convspec.train.loop import TrainConfig
+from convspec.train.config import TrainConfig
 
 TINY = ["--data", "synthetic", "--model", "convnet-8", "--batch-size", "32",
         "--n-train", "64", "--n-test", "32", "--no-progress", "--lr", "0.05"]
@@ -134,7 +134,7 @@ def test_python_api_validates_types():
 
 
 def test_named_config_files_still_valid():
-    from convspec.train.loop import load_config_file
+    from convspec.train.config import load_config_file
 
     root = Path(__file__).resolve().parents[1]
     for path in sorted((root / "configs").glob("*.toml")):

@@ -268,7 +268,7 @@ class _Payload:
 
 def _crafted_run(run, marker, epochs=1):
     """A run directory whose checkpoint carries a payload, and views that look finished."""
-    from convspec.train.loop import TrainConfig
+    from convspec.train.config import TrainConfig
 
     cfg = TrainConfig(data="synthetic", model="convnet-8", batch_size=32, n_train=64,
                       n_test=32, lr=0.05, method="sgd", epochs=epochs)
@@ -370,7 +370,7 @@ def test_resume_with_another_data_dir_is_refused(tmp_path, capsys, reference):
 
 
 def test_resume_with_another_number_of_processes_is_refused(reference):
-    from convspec.train.loop import TrainConfig, resume_problems
+    from convspec.train.config import TrainConfig, resume_problems
     from convspec.train.rundir import RunDir
 
     ref, _ = reference

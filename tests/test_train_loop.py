@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from convspec.cli import main
-from convspec.train.loop import TrainConfig, learning_rate
+from convspec.train.config import TrainConfig
+from convspec.train.loop import learning_rate
 
 TINY = ["--data", "synthetic", "--model", "convnet-8", "--batch-size", "32",
         "--n-train", "128", "--n-test", "64", "--no-progress", "--lr", "0.05"]
@@ -213,7 +214,7 @@ def test_compare_bad_flags_exit_2(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_named_config_files_are_valid(path):
-    from convspec.train.loop import load_config_file
+    from convspec.train.config import load_config_file
 
     cfg = TrainConfig(**load_config_file(path))
     cfg.validate()

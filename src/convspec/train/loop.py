@@ -23,10 +23,7 @@ from ..init import orthogonal_
 from ..regularizer import FrobeniusRegularizer
 from ..report import reshaped_values
 from . import distributed as dist_utils
-from .config import (  # noqa: F401  (re-exported: the loop's config API lives in .config)
-    BBN_MODES, INITS, METHODS, RESUME_MAY_DIFFER, SCHEDULES, TrainConfig, config_differences,
-    load_config_file, resume_problems,
-)
+from .config import TrainConfig, resume_problems
 from .data import Dataset, iterate_batches, load_dataset, normalize, random_crop_flip
 from .models import build_model
 from .rundir import FORMAT, RunDir, RunDirError, one_line

@@ -41,22 +41,19 @@ from convspec.train.models import build_model  # noqa: E402
 
 EPS = 0.05
 F32 = torch.finfo(torch.float32).eps
-MODELS = {
-    "ConvNet-20": ("convnet", 20, 1),
-    "PreAct-ResNet-68": ("preact_resnet", 68, 1),
-    "WRN-28-10": ("wrn", 28, 10),
-}
-QUICK = {"ConvNet-20": ("convnet", 20, 1), "WRN-16-2": ("wrn", 16, 2)}
+MODELS = {"ConvNet-20": "convnet-20", "PreAct-ResNet-68": "preact-resnet-68",
+          "WRN-28-10": "wrn-28-10"}
+QUICK = {"ConvNet-20": "convnet-20", "WRN-16-2": "wrn-16-2"}
 
 
 def weight_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def perturbed(name: str, depth: int, width: int, seed: int = 0) -> nn.Module:
+def perturbed(name: str, seed: int = 0) -> nn.Module:
     """The model with orthogonal weights pushed partly out of the band (see module docstring)."""
     torch.manual_seed(seed)
-    model = build_model(name, depth, width, num_classes=10, in_channels=3)
+    model = build_model(name, num_classes=10, in_channels=3)
     orthogonal_(model)
     with torch.no_grad():
         for m in weight_layers(model):
@@ -105,8 +102,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    for label, (name, depth, width) in (QUICK if args.quick else MODELS).items():
-        base = perturbed(name, depth, width)
+    for label, name in (QUICK if args.quick else MODELS).items():
+        base = perturbed(name)
         state = {k: v.clone() for k, v in base.state_dict().items()}
         layers = weight_layers(base)
         reference = reference_svb(base, EPS)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from convspec.cli import main
-from convspec.train.loop import TrainConfig
+from convspec.train.config import TrainConfig
 
-TINY = ["--data", "synthetic", "--model", "convnet", "--depth", "8", "--batch-size", "32",
+TINY = ["--data", "synthetic", "--model", "convnet-8", "--batch-size", "32",
         "--n-train", "64", "--n-test", "32", "--no-progress", "--lr", "0.05"]
 
 
@@ -57,7 +57,7 @@ def _metrics_run(run, rows):
     ("lr_end = inf", "lr_end", "inf"),
     ("lr = nan", "lr", "nan"),
     ("momentum = -inf", "momentum", "-inf"),
-    ('depth = "20"', "depth", "'20'"),
+    ("model = 20", "model", "20"),
     ("data_dir = 5", "data_dir", "5"),
     ('augment = "yes"', "augment", "'yes'"),
     ("frob_normalize = 1", "frob_normalize", "1"),
@@ -85,13 +85,21 @@ def test_config_file_values_are_type_checked_before_anything_is_written(tmp_path
 @pytest.mark.parametrize("line,msg", [
     ("epochs = 0", "--epochs must be >= 1"), ("lr_end = -1", "--lr-end must be > 0"),
     ("seed = -1", "--seed"), ('schedule = "linear"', "--schedule"), ("bogus = 1", "unknown keys"),
-    ("width = 0", "--width must be >= 1"), ("lr_hold = 0", "--lr-hold"),
+    ("lr_hold = 0", "--lr-hold"),
+    ('model = "wrn-28-0"', "widen factor W of wrn-D-W must be >= 1"),
+    ('model = "convnet"', "needs its depth in the name"),
+    # The old keys: refused with the name to write instead.
+    ('model = "wrn"\ndepth = 28\nwidth = 10', 'model = "wrn-28-10"'),
+    ("depth = 38", 'model = "convnet-38"'),
 ])
 def test_config_file_ranges_and_keys(tmp_path, capsys, line, msg):
     cfg = tmp_path / "c.toml"
     cfg.write_text(line + "\n")
+    argv = list(TINY)
+    if line.startswith(("model", "depth")):  # else --model would override the file's
+        del argv[argv.index("--model"):argv.index("--model") + 2]
     with pytest.raises(SystemExit) as exc:
-        main(["train", *TINY, "--config", str(cfg), "--out", str(tmp_path / "out")])
+        main(["train", *argv, "--config", str(cfg), "--out", str(tmp_path / "out")])
     assert exc.value.code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -126,7 +134,7 @@ def test_python_api_validates_types():
 
 
 def test_named_config_files_still_valid():
-    from convspec.train.loop import load_config_file
+    from convspec.train.config import load_config_file
 
     root = Path(__file__).resolve().parents[1]
     for path in sorted((root / "configs").glob("*.toml")):

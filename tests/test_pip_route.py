@@ -70,7 +70,7 @@ def test_plain_install_gives_library_and_cli(clean_env):
     assert r.returncode == 0 and r.stdout.startswith("convspec "), r.stderr
     # Training writes no plot: it works without the extra (no tqdm either: no progress bar).
     run = base / "run"
-    r = _run([str(cli), "train", "--data", "synthetic", "--model", "convnet", "--depth", "8",
+    r = _run([str(cli), "train", "--data", "synthetic", "--model", "convnet-8",
               "--batch-size", "32", "--n-train", "64", "--n-test", "32", "--epochs", "1",
               "--out", str(run)], cwd=base)
     assert r.returncode == 0, r.stderr

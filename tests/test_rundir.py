@@ -20,7 +20,7 @@ import torch
 from convspec.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data", "synthetic", "--model", "convnet", "--depth", "8", "--batch-size", "32",
+TINY = ["--data", "synthetic", "--model", "convnet-8", "--batch-size", "32",
         "--n-train", "64", "--n-test", "32", "--no-progress", "--lr", "0.05",
         "--method", "svb+bbn", "--svb-every", "1", "--augment"]
 EPOCHS = 2
@@ -268,9 +268,9 @@ class _Payload:
 
 def _crafted_run(run, marker, epochs=1):
     """A run directory whose checkpoint carries a payload, and views that look finished."""
-    from convspec.train.loop import TrainConfig
+    from convspec.train.config import TrainConfig
 
-    cfg = TrainConfig(data="synthetic", model="convnet", depth=8, batch_size=32, n_train=64,
+    cfg = TrainConfig(data="synthetic", model="convnet-8", batch_size=32, n_train=64,
                       n_test=32, lr=0.05, method="sgd", epochs=epochs)
     run.mkdir(parents=True)
     row = {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "test_loss": 1.0,
@@ -288,7 +288,7 @@ def test_crafted_checkpoint_runs_no_code(tmp_path, capsys, command):
     out = tmp_path / "cmp"
     run = out / "sgd-seed0"
     _crafted_run(run, marker)
-    common = ["--data", "synthetic", "--model", "convnet", "--depth", "8", "--batch-size", "32",
+    common = ["--data", "synthetic", "--model", "convnet-8", "--batch-size", "32",
               "--n-train", "64", "--n-test", "32", "--lr", "0.05", "--no-progress"]
     if command == "train":
         rc = main(["train", *common, "--method", "sgd", "--epochs", "2", "--out", str(run),
@@ -370,7 +370,7 @@ def test_resume_with_another_data_dir_is_refused(tmp_path, capsys, reference):
 
 
 def test_resume_with_another_number_of_processes_is_refused(reference):
-    from convspec.train.loop import TrainConfig, resume_problems
+    from convspec.train.config import TrainConfig, resume_problems
     from convspec.train.rundir import RunDir
 
     ref, _ = reference

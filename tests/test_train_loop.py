@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from convspec.cli import main
-from convspec.train.loop import TrainConfig, learning_rate
+from convspec.train.config import TrainConfig
+from convspec.train.loop import learning_rate
 
-TINY = ["--data", "synthetic", "--model", "convnet", "--depth", "8", "--batch-size", "32",
+TINY = ["--data", "synthetic", "--model", "convnet-8", "--batch-size", "32",
         "--n-train", "128", "--n-test", "64", "--no-progress", "--lr", "0.05"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +94,15 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("flags,msg", [
-    (["--depth", "21"], "6X\\+2"), (["--data", "mnist"], "invalid choice"),
+    (["--model", "convnet-21"], "6X\\+2"), (["--data", "mnist"], "invalid choice"),
     (["--method", "adam"], "invalid choice"), (["--epochs", "0"], "positive integer"),
-    (["--model", "wrn", "--depth", "20"], "6n\\+4"), (["--width", "2"], "wrn only"),
+    (["--model", "wrn-20-10"], "6n\\+4"), (["--model", "convnet-20-2"], "no widen factor"),
+    (["--model", "convnet"], "needs its depth"), (["--model", "resnet-20"], "unknown model"),
+    (["--model", "preact_resnet-68"], "now written 'preact-resnet-68'"),
+    # The old form names the new one.
+    (["--model", "convnet", "--depth", "38"], "--model convnet-38"),
+    (["--model", "wrn", "--depth", "28", "--width", "10"], "--model wrn-28-10"),
+    (["--depth", "14"], "--model convnet-14"),
     (["--momentum", "-1"], "momentum"), (["--momentum", "0", "--nesterov"], "nesterov"),
     (["--weight-decay", "-0.1"], "weight-decay"), (["--frob-weight", "inf"], "frob-weight"),
     (["--device", "quantum"], "device"),
@@ -184,7 +191,7 @@ def test_compare_methods_over_seeds(tmp_path, capsys):
     from convspec.train.models import build_model
 
     run = summary["results"]["svb+bbn"]["runs"][0]
-    model = build_model("convnet", 8, 1, num_classes=4, in_channels=1)
+    model = build_model("convnet-8", num_classes=4, in_channels=1)
     model.load_state_dict(torch.load(out / "svb+bbn-seed0" / "checkpoint.pt", weights_only=True)["model"])
     conv = model.features[0]
     smax, smin = extreme_singular_values(conv.weight, 16, padding=conv.padding)
@@ -201,13 +208,13 @@ def test_compare_bad_flags_exit_2(tmp_path):
         main(["compare", *TINY, "--methods", "adam", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
-        main(["compare", *TINY, "--depth", "9", "--out", str(tmp_path / "x")])
+        main(["compare", *TINY, "--model", "convnet-9", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_named_config_files_are_valid(path):
-    from convspec.train.loop import load_config_file
+    from convspec.train.config import load_config_file
 
     cfg = TrainConfig(**load_config_file(path))
     cfg.validate()
@@ -234,3 +241,104 @@ def test_compare_refuses_a_run_of_another_configuration(tmp_path, capsys):
     rc = main(["compare", *TINY, "--methods", "sgd", "--seeds", "0", "--epochs", "1",
                "--out", str(out)])
     assert rc == 1 and "lr: 0.2 -> 0.05" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_the_running_mean_loss_of_the_epoch(tmp_path, monkeypatch):
+    """The postfix after batch i is the mean loss of batches 1..i of the epoch: after the last
+    batch it is the epoch's train_loss, and it is not the last batch's loss."""
+    import contextlib
+
+    import convspec.train.loop as loop
+
+    bars = []
+
+    class FakeBar:
+        def __init__(self, desc):
+            self.desc, self.postfix, self.steps = desc, [], 0
+
+        def update(self, n=1):
+            self.steps += n
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix.append(s)
+
+    @contextlib.contextmanager
+    def fake_progress_bar(total, desc, enabled=True):
+        bars.append(FakeBar(desc))
+        yield bars[-1]
+
+    batch_losses = []
+    real_ce = loop.F.cross_entropy
+
+    def recording_ce(logits, y, **kw):
+        loss = real_ce(logits, y, **kw)
+        if logits.requires_grad:  # training batches, not evaluation
+            batch_losses.append((float(loss.detach()), y.shape[0]))
+        return loss
+
+    monkeypatch.setattr(loop, "progress_bar", fake_progress_bar)
+    monkeypatch.setattr(loop.F, "cross_entropy", recording_ce)
+    cfg = TrainConfig(data="synthetic", model="convnet-8", epochs=2, batch_size=48, n_train=128,
+                      n_test=32, lr=0.05)
+    result = loop.train(cfg, tmp_path / "run", progress=True)
+    assert [b.desc for b in bars] == ["epoch 1/2", "epoch 2/2"]
+    per_epoch = [batch_losses[:3], batch_losses[3:]]  # 48 + 48 + 32 examples
+    for bar, row, losses in zip(bars, result.history, per_epoch):
+        assert bar.steps == len(bar.postfix) == 3
+        total = seen = 0
+        for text, (loss, n) in zip(bar.postfix, losses):
+            total, seen = total + loss * n, seen + n
+            assert text == f"loss {total / seen:.3f}"
+        assert bar.postfix[-1] == f"loss {row['train_loss']:.3f}"
+    assert any(bar.postfix[-1] != f"loss {losses[-1][0]:.3f}" for bar, losses in zip(bars, per_epoch))
+
+
+def test_runs_of_the_old_model_naming_resume_and_are_reused(tmp_path, capsys):
+    """A run directory written before the one naming (config keys model='convnet', depth,
+    width) resumes under --model convnet-8, is reused by compare and read by plot."""
+    from convspec.train.rundir import RunDir
+
+    out = tmp_path / "cmp"
+    run = out / "sgd-seed0"
+    assert main(["train", *TINY, "--method", "sgd", "--epochs", "1", "--out", str(run)]) == 0
+    # Rewrite the run as the old code wrote it.
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    old = lambda c: {**{k: v for k, v in c.items() if k != "model"},
+                     "model": "convnet", "depth": 8, "width": 1}
+    state["config"] = old(state["config"])
+    state["record"]["config"] = old(state["record"]["config"])
+    torch.save(state, run / "checkpoint.pt")
+    record = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "config": old(record["config"])}))
+
+    assert RunDir(run).record()["config"]["model"] == "convnet-8"
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    # compare counts it as a finished run of the same config: reused, not retrained.
+    before = (run / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["compare", *TINY, "--methods", "sgd", "--seeds", "0", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == before
+    # --resume accepts it (same config in the new naming) and writes the new naming.
+    assert main(["train", *TINY, "--method", "sgd", "--epochs", "2", "--out", str(run),
+                 "--resume"]) == 0
+    stored = json.loads((run / "config.json").read_text())["config"]
+    assert stored["model"] == "convnet-8" and "depth" not in stored
+    # Another depth is still another configuration.
+    assert main(["train", *TINY[:2], "--model", "convnet-14", *TINY[4:], "--method", "sgd",
+                 "--epochs", "3", "--out", str(run), "--resume"]) == 1
+    assert "model: 'convnet-8' -> 'convnet-14'" in capsys.readouterr().err
+
+
+def test_the_records_are_readable(tmp_path, capsys):
+    """records/fmnist_compare (written with the old naming, no checkpoints) still plots."""
+    from convspec.train.plots import run_label
+    from convspec.train.rundir import RunDir
+
+    runs = sorted((ROOT / "records" / "fmnist_compare").glob("*-seed*"))
+    assert len(runs) == 9
+    for run in runs:
+        assert RunDir(run).record()["config"]["model"] == "convnet-20"
+        assert len(RunDir(run).history()) == 5
+    assert "convnet-20" in run_label(runs[0])
+    assert main(["plot", *map(str, runs), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

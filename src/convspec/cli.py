@@ -29,7 +29,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _show(value) -> str:
+    """A default as the help text shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_show(v) for v in value)
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``convspec`` parser. Every option has a help text, and every option that takes a value
+    shows its default (tests/test_cli_help.py walks the parsers to check it)."""
+    from . import __version__
     from .descent import STEP_RULES
     from .experiments.guo_fig41 import INITS
 
@@ -37,13 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convspec",
         description="Exact control of the singular values of convolutional layers.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"convspec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    rep = sub.add_parser("reproduce", help="reproduce a figure or table of a paper")
+    rep = sub.add_parser("reproduce", help="reproduce a figure or table of a paper",
+                         description="Reproduce a figure or table of a paper.")
     rep_sub = rep.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     rep_sub.required = True
     fig = rep_sub.add_parser(
@@ -53,14 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
         "random 3x3x3x1, 3x3x1x3, 3x3x3x6 and 3x3x6x3 kernels (k x k x g x h) and record the "
         "exact sigma_max and sigma_min of the convolution operator at every iteration.",
     )
-    fig.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
-    fig.add_argument("--steps", type=_positive_int, default=300, help="iterations (default 300)")
-    fig.add_argument("--size", type=_positive_int, default=20, help="input size N (default 20)")
-    fig.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    fig.add_argument("--init", choices=INITS, default="normal", help="kernel entries (default normal)")
-    fig.add_argument("--step-rule", choices=STEP_RULES, default="paper", help="default: paper")
-    fig.add_argument("--lr", type=_positive_float, default=1e-3, help="step for --step-rule constant")
-    fig.add_argument("--alpha", type=_positive_float, default=1.0, help="target a (default 1)")
+    fig.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
+                     help="output folder (default: %(default)s)")
+    fig.add_argument("--steps", type=_positive_int, default=300,
+                     help="iterations (default: %(default)s)")
+    fig.add_argument("--size", type=_positive_int, default=20,
+                     help="input size N, at most 48 (default: %(default)s)")
+    fig.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    fig.add_argument("--init", choices=INITS, default="normal",
+                     help="distribution of the kernel entries (default: %(default)s)")
+    fig.add_argument("--step-rule", choices=STEP_RULES, default="paper",
+                     help="paper: the paper's steps 1e-5, 1e-4, 1e-3 (tied to N = 20); armijo: "
+                     "backtracking line search; constant: --lr (default: %(default)s)")
+    fig.add_argument("--lr", type=_positive_float, default=1e-3,
+                     help="step of --step-rule constant (default: %(default)g)")
+    fig.add_argument("--alpha", type=_positive_float, default=1.0,
+                     help="target alpha of ||M^T M - alpha I||_F^2 (default: %(default)g)")
     fig.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_train_parser(sub)
     _add_compare_parser(sub)
@@ -70,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_spectrum_parser(sub) -> None:
+    from .train.models import MODEL_EXAMPLES
+
     sp = sub.add_parser(
         "spectrum",
         help="per-layer singular values of a model: reshaped kernels vs exact operators",
@@ -78,16 +101,20 @@ def _add_spectrum_parser(sub) -> None:
         "(exact: FFT, dense or converged iterative). Prints a table and writes DIR/spectrum.json, "
         "DIR/spectrum_histograms.png (lower, middle, higher layers) and DIR/spectrum_extremes.png.",
     )
-    sp.add_argument("model", metavar="CHECKPOINT_OR_MODEL_NAME",
-                    help="a checkpoint.pt of 'convspec train', or a name such as convnet-20, "
-                    "preact_resnet-68, wrn-28-10 (orthogonal init, --seed)")
+    sp.add_argument("model", metavar="MODEL",
+                    help="a checkpoint.pt of 'convspec train'; a model name such as "
+                    f"{MODEL_EXAMPLES} (orthogonal init from --seed); or package.module:factory, "
+                    "a function called with no arguments that returns any nn.Module (modules in "
+                    "the current folder are found)")
     sp.add_argument("--input-size", type=_positive_int, nargs=3, required=True,
-                    metavar=("C", "H", "W"), help="input channels, height and width")
+                    metavar=("C", "H", "W"), help="input channels, height and width (required)")
     sp.add_argument("--out", type=Path, default=Path("spectrum"), metavar="DIR",
-                    help="output folder (default: spectrum)")
+                    help="output folder (default: %(default)s)")
     sp.add_argument("--tol", type=_positive_float, default=1e-6,
-                    help="relative tolerance of iterative spectra (default 1e-6)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of a named model's init (default 0)")
+                    help="relative tolerance of iterative spectra (default: %(default)g)")
+    sp.add_argument("--seed", type=int, default=0,
+                    help="seed of a named model's initialisation, and of torch before a factory "
+                    "is called (default: %(default)s)")
     sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -108,7 +135,7 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_compare_parser(sub) -> None:
-    from .train.loop import METHODS
+    from .train.config import METHODS
 
     cmp_ = sub.add_parser(
         "compare",
@@ -119,77 +146,127 @@ def _add_compare_parser(sub) -> None:
         "value ranges of the reshaped kernels and of the exact conv operators) and "
         "OUT/test_error.png.",
     )
-    cmp_.add_argument("--methods", nargs="+", choices=METHODS,
-                      default=["sgd", "svb+bbn", "frobenius"], help="default: sgd svb+bbn frobenius")
-    cmp_.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: 0 1 2")
+    cmp_.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                      default=["sgd", "svb+bbn", "frobenius"],
+                      help=f"methods to train, from {', '.join(METHODS)} (default: "
+                      f"{_show(['sgd', 'svb+bbn', 'frobenius'])})")
+    cmp_.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
+                      help=f"seeds to train each method with (default: {_show([0, 1, 2])})")
     _add_config_arguments(cmp_, compare=True)
 
 
 def _add_config_arguments(tr, *, compare: bool) -> None:
-    """The TrainConfig flags shared by ``train`` and ``compare``."""
-    from .train.data import DATASETS
-    from .train.loop import INITS, METHODS, SCHEDULES
-    from .train.models import MODELS
+    """The TrainConfig flags shared by ``train`` and ``compare``. Their argparse default is None
+    (a flag not given leaves the config file's value); the help shows TrainConfig's default."""
+    from dataclasses import fields
 
-    a = tr.add_argument
-    a("--data", choices=DATASETS, help="dataset (default fashion-mnist)")
-    a("--data-dir", help="folder with the dataset files")
-    a("--model", choices=MODELS, help="architecture (default convnet)")
-    a("--depth", type=_positive_int, help="weight layers: 6X+2 for convnet/preact_resnet, 6n+4 for wrn")
-    a("--width", type=_positive_int, help="width multiplier (wrn only)")
+    from .train.config import BBN_MODES, INITS, METHODS, SCHEDULES, TrainConfig
+    from .train.data import DATASETS
+    from .train.models import MODEL_EXAMPLES
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+
+    def a(*flags, default_text=None, **kw):
+        """Add a flag; for a TrainConfig field, append '(default: X)' from TrainConfig."""
+        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        takes_value = kw.get("action") not in ("store_true", "store_false")
+        if takes_value and not kw.get("required"):
+            shown = default_text if default_text is not None else _show(defaults[dest])
+            kw["help"] = f"{kw['help']} (default: {shown})"
+        tr.add_argument(*flags, **kw)
+
+    a("--data", choices=DATASETS, help="dataset")
+    a("--data-dir", metavar="DIR", help="folder with the dataset files",
+      default_text="/usr/share/datasets/fashion-mnist for fashion-mnist; CIFAR needs it")
+    a("--model", metavar="NAME",
+      help="convnet-D, preact-resnet-D (D = 6X+2 weight layers) or wrn-D-W (D = 6n+4, widen "
+      f"factor W), e.g. {MODEL_EXAMPLES}")
+    # The old form '--model convnet --depth 20': refused with the name to write instead.
+    tr.add_argument("--depth", help=argparse.SUPPRESS)
+    tr.add_argument("--width", help=argparse.SUPPRESS)
     if not compare:
-        a("--method", choices=METHODS, help="training method (default sgd)")
-    a("--epochs", type=_positive_int, help="epochs (default 10)")
+        a("--method", choices=METHODS, help="training method")
+    a("--epochs", type=_positive_int, help="epochs")
     if compare:
-        a("--out", type=Path, required=True, metavar="OUT", help="folder for the runs and summary")
+        a("--out", type=Path, required=True, metavar="OUT",
+          help="folder for the runs and the summary (required)")
     else:
-        a("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
-        a("--seed", type=int, help="random seed (default 0)")
+        a("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory (required)")
+        a("--seed", type=int, help="random seed of the initialisation, data order and "
+          "augmentation")
         a("--resume", action="store_true",
           help="continue the run in RUN_DIR up to --epochs; only --epochs (>= the completed "
           "epochs) and --device may differ from its flags")
-    a("--config", type=Path, help="TOML file of TrainConfig fields (e.g. configs/*.toml)")
-    a("--batch-size", type=_positive_int)
-    a("--lr", type=_positive_float, help="initial learning rate (default 0.5)")
-    a("--lr-end", type=_positive_float, help="final learning rate of paper/cosine (default 0.001)")
-    a("--lr-hold", type=_positive_int, help="epochs per step of the paper schedule (default 2)")
-    a("--schedule", choices=SCHEDULES, help="learning-rate schedule (default paper)")
-    a("--momentum", type=float)
-    a("--nesterov", action="store_true", default=None)
-    a("--weight-decay", type=float)
-    a("--eps", type=_positive_float, help="SVB: bound singular values in [1/(1+eps), 1+eps]")
-    a("--bbn-eps", type=_positive_float, help="BBN band (svb+bbn)")
-    a("--bbn-mode", choices=("bbn", "rel"))
-    a("--svb-every", type=_positive_int, help="SVB period in iterations (default: once per epoch)")
-    a("--frob-weight", type=float, help="weight of the Frobenius penalty (method frobenius)")
-    a("--frob-alpha", type=_positive_float, help="target alpha of the Frobenius penalty")
+    a("--config", type=Path, metavar="FILE",
+      help="TOML file of TrainConfig fields (e.g. configs/*.toml); flags override it",
+      default_text="none")
+    a("--batch-size", type=_positive_int, help="mini-batch size per process")
+    a("--lr", type=_positive_float, help="initial learning rate")
+    a("--lr-end", type=_positive_float, help="final learning rate of the paper and cosine "
+      "schedules")
+    a("--lr-hold", type=_positive_int, help="epochs per step of the paper schedule")
+    a("--schedule", choices=SCHEDULES,
+      help="learning-rate schedule: paper (geometric from --lr to --lr-end in steps of --lr-hold "
+      "epochs), step (/10 at 50%% and 75%% of the epochs) or cosine")
+    a("--momentum", type=float, help="SGD momentum, in [0, 1)")
+    a("--nesterov", action="store_true", default=None,
+      help=f"use Nesterov momentum (default: {_show(defaults['nesterov'])})")
+    a("--weight-decay", type=float, help="SGD weight decay (L2), >= 0")
+    a("--eps", type=_positive_float,
+      help="SVB (methods svb and svb+bbn): each reshaped kernel's singular values are bounded "
+      "into [1/(1+eps), 1+eps]")
+    a("--bbn-eps", type=_positive_float,
+      help="BBN (method svb+bbn): the BatchNorm scales relative to their mean are bounded into "
+      "[1/(1+eps), 1+eps]")
+    a("--bbn-mode", choices=BBN_MODES,
+      help="bbn: bound gamma_i/sigma_i (Jia et al., Algorithm 2); rel: bound gamma_i/mean(gamma), "
+      "as the authors' code does")
+    a("--svb-every", type=_positive_int, help="SVB period in iterations",
+      default_text="once per epoch")
+    a("--frob-weight", type=float,
+      help="weight of the exact Frobenius penalty in the loss (method frobenius), >= 0")
+    a("--frob-alpha", type=_positive_float,
+      help="target alpha of the Frobenius penalty ||M^T M - alpha I||_F^2")
     a("--no-frob-normalize", dest="frob_normalize", action="store_false", default=None,
-      help="do not divide each layer's penalty by its input dimension")
-    a("--init", choices=INITS, help="weight initialisation (default orthogonal)")
+      help="do not divide each layer's Frobenius penalty by its input dimension (default: "
+      "divide)")
+    a("--init", choices=INITS, help="weight initialisation: orthogonal (Jia et al.) or default "
+      "(PyTorch's)")
     a("--augment", dest="augment", action="store_true", default=None,
-      help="pad-4 random crops and flips (default: on for CIFAR)")
-    a("--no-augment", dest="augment", action="store_false")
-    a("--n-train", type=_positive_int, help="use the first N training examples")
-    a("--n-test", type=_positive_int, help="use the first N test examples")
-    a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+      help="pad-4 random crops and flips (default: on for CIFAR, off otherwise)")
+    a("--no-augment", dest="augment", action="store_false", help="no augmentation")
+    a("--n-train", type=_positive_int, metavar="N", help="use the first N training examples",
+      default_text="all")
+    a("--n-test", type=_positive_int, metavar="N", help="use the first N test examples", default_text="all")
+    a("--device", help="cpu, cuda, cuda:1, ...; auto: cuda if available, else cpu")
     a("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_plot_parser(sub) -> None:
-    pl = sub.add_parser("plot", help="plot validation curves of several runs on one figure")
-    pl.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
-    pl.add_argument("--out", type=Path, default=Path("curves.png"),
-                    help="figure file; .png is added when it has no extension (default curves.png)")
-    pl.add_argument("--metric", default="test_error",
-                    choices=("test_error", "test_loss", "train_loss", "train_accuracy"))
+    from .train.rundir import METRIC_KEYS
+
+    pl = sub.add_parser("plot", help="plot validation curves of several runs on one figure",
+                        description="Plot one metric per epoch of several run directories "
+                        "(of 'convspec train', or OUT/<method>-seed<S> of 'compare') on one "
+                        "figure.")
+    pl.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                    help="run directories to plot")
+    pl.add_argument("--out", type=Path, default=Path("curves.png"), metavar="FILE",
+                    help="figure file; .png is added when it has no extension "
+                    "(default: %(default)s)")
+    metrics = [k for k in METRIC_KEYS if k not in ("lr", "epoch_time_s")]
+    pl.add_argument("--metric", default="test_error", choices=metrics,
+                    help="what to plot per epoch (default: %(default)s)")
 
 
 def _config_from_args(args, parser, **override):
     """Built-in defaults < ``--config`` file < flags < ``override``; exits 2 when invalid."""
     from dataclasses import fields
 
-    from .train.loop import TrainConfig, load_config_file
+    from .train.config import TrainConfig, load_config_file
 
+    if args.depth is not None or args.width is not None:
+        parser.error(_old_model_flags(args))
     values = {}
     try:
         if args.config is not None:
@@ -204,6 +281,24 @@ def _config_from_args(args, parser, **override):
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     return cfg
+
+
+def _old_model_flags(args) -> str:
+    """The error for the old ``--model FAMILY --depth D --width W``: the name to write instead."""
+    from .train.config import TrainConfig
+    from .train.models import model_name, parse_model_name
+
+    family, depth, width = args.model or TrainConfig.model, 20, 1
+    try:
+        family, depth, width = parse_model_name(family)
+    except ValueError:
+        pass
+    depth = args.depth if args.depth is not None else depth
+    width = args.width if args.width is not None else width
+    flags = " ".join(f"--{k} {v}" for k, v in (("model", args.model), ("depth", args.depth),
+                                                ("width", args.width)) if v is not None)
+    return (f"{flags}: --depth and --width are gone; the model name carries them: "
+            f"--model {model_name(family, depth, width)}")
 
 
 def _run_train(args, parser) -> int:
@@ -290,30 +385,31 @@ def _run_guo_fig41(args, parser) -> int:
 
 def _run_spectrum(args, parser) -> int:
     from .experiments import spectrum_report as sr
+    from .train.models import parse_model_name
 
     if args.tol >= 1:
         parser.error(f"--tol must be below 1, got {args.tol}")
     c, h, w = args.input_size
-    path = Path(args.model)
-    named = sr.parse_model_name(args.model)
+    path, source = Path(args.model), args.model
     try:
         if path.is_file():
-            model = sr.load_checkpoint_model(path, c)
-            source = str(path)
-        elif named is not None:
+            model, source = sr.load_checkpoint_model(path, c), str(path)
+        elif sr.is_factory_path(args.model):
             try:
-                model = sr.build_named_model(*named, in_channels=c, seed=args.seed)
-            except ValueError as exc:
-                parser.error(str(exc))
-            source = args.model
-        elif path.suffix or "/" in args.model or path.exists():
-            print(f"convspec spectrum: error: {path} is not a checkpoint file", file=sys.stderr)
-            return 1
+                model = sr.model_from_factory(args.model, seed=args.seed)
+            except sr.FactoryError as exc:
+                print(f"convspec spectrum: error: {exc}", file=sys.stderr)
+                return 1
         else:
-            parser.error(
-                f"{args.model!r} is neither a file nor a model name such as convnet-20, "
-                "preact_resnet-68 or wrn-28-10"
-            )
+            try:
+                parse_model_name(args.model)
+            except ValueError as exc:
+                if path.suffix or "/" in args.model or path.exists():
+                    print(f"convspec spectrum: error: {path} is not a checkpoint file",
+                          file=sys.stderr)
+                    return 1
+                parser.error(f"{exc}; or give a checkpoint file or package.module:factory")
+            model = sr.build_named_model(args.model, in_channels=c, seed=args.seed)
         sr.main(model, (c, h, w), args.out, source=source, tol=args.tol,
                 progress=not args.no_progress)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError,

@@ -1,6 +1,6 @@
 """Compare training methods over several seeds: SGD vs SVB(+BBN) vs the Frobenius penalty.
 
-One :class:`~convspec.train.loop.TrainConfig` (defaults, a config file, flags) is trained once
+One :class:`~convspec.train.config.TrainConfig` (defaults, a config file, flags) is trained once
 per method and seed into ``OUT/<method>-seed<S>`` (a repeated method or seed counts once); a
 run directory whose checkpoint has all epochs is reused, one with fewer is resumed. Then, per
 method, the final test error and the training time as mean +/- std over seeds, and the singular
@@ -22,7 +22,8 @@ from torch import nn
 
 from .._provenance import environment
 from ..train.data import load_dataset, normalize
-from ..train.loop import TrainConfig, config_differences, train
+from ..train.config import TrainConfig, config_differences
+from ..train.loop import train
 from ..train.models import build_model
 from ..train.rundir import RunDir, RunDirError, make_output_dir, write_json
 
@@ -65,7 +66,7 @@ def _epochs_done(run: RunDir, cfg: TrainConfig) -> Optional[int]:
 
 
 def _trained_model(cfg: TrainConfig, state: Dict, in_channels: int, num_classes: int) -> nn.Module:
-    model = build_model(cfg.model, cfg.depth, cfg.width, num_classes, in_channels)
+    model = build_model(cfg.model, num_classes, in_channels)
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -178,7 +179,7 @@ def plot_comparison(summary: Dict, path: Path) -> None:
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     cfg = summary["config"]
     subset = f", {cfg['n_train']} training images" if cfg.get("n_train") else ""
-    ax.set_title(f"{cfg['model']}-{cfg['depth']} on {cfg['data']}{subset}: test error, "
+    ax.set_title(f"{cfg['model']} on {cfg['data']}{subset}: test error, "
                  "mean +/- std", fontsize=10)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")

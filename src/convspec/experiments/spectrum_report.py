@@ -11,50 +11,105 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from .._provenance import environment
 from ..report import LayerSpectrum, spectrum_report
 
-_NAME = re.compile(r"^(convnet|preact_resnet|wrn)-(\d+)(?:-(\d+))?$")
 
-
-def parse_model_name(text: str) -> Optional[Tuple[str, int, int]]:
-    """``'wrn-28-10'`` -> ``('wrn', 28, 10)``; ``None`` if ``text`` is not such a name."""
-    m = _NAME.match(text)
-    if m is None:
-        return None
-    return m.group(1), int(m.group(2)), int(m.group(3) or 1)
-
-
-def build_named_model(name: str, depth: int, width: int, in_channels: int, seed: int = 0):
-    """A registry model with the orthogonal initialisation of ``convspec train`` and ``seed``."""
+def build_named_model(name: str, in_channels: int, seed: int = 0):
+    """The registry model ``name`` (``convnet-20``, ``preact-resnet-68``, ``wrn-28-10``) with
+    the orthogonal initialisation of ``convspec train`` and ``seed``; ``ValueError`` for a bad
+    name."""
     from ..init import orthogonal_
     from ..train.models import build_model
 
     torch.manual_seed(seed)
-    model = build_model(name, depth, width, num_classes=10, in_channels=in_channels)
+    model = build_model(name, num_classes=10, in_channels=in_channels)
     orthogonal_(model, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+#: ``package.module:factory`` (the attribute may be dotted: ``module:Class.create``).
+FACTORY_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+
+class FactoryError(ValueError):
+    """A ``package.module:factory`` path that does not give a model; the message says why."""
+
+
+def is_factory_path(text: str) -> bool:
+    return FACTORY_PATH.match(text) is not None
+
+
+def model_from_factory(path: str, seed: int = 0) -> nn.Module:
+    """Import ``package.module``, call its ``factory`` with no arguments (after
+    ``torch.manual_seed(seed)``) and return the ``nn.Module`` it builds.
+
+    Modules in the current directory are found, as with ``python -m``: ``mymodels:net`` finds
+    ``./mymodels.py``. Every failure (the import, a missing or non-callable attribute, the call,
+    a result that is not an ``nn.Module``) is a one-line :class:`FactoryError`.
+    """
+    import importlib
+    import sys
+
+    from ..train.rundir import one_line
+
+    module_name, _, attr = path.partition(":")
+    added = "" not in sys.path
+    if added:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may raise anything while it is imported
+        what = f"no module named {exc.name!r}" if isinstance(exc, ModuleNotFoundError) \
+            else f"{type(exc).__name__}: {one_line(exc)}"
+        raise FactoryError(f"{path}: cannot import {module_name}: {what}") from None
+    finally:
+        if added:
+            sys.path.remove("")
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise FactoryError(f"{path}: {module_name} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise FactoryError(f"{path}: {attr} is a {type(obj).__name__}, not a callable that "
+                           "builds a model")
+    torch.manual_seed(seed)
+    try:
+        model = obj()
+    except Exception as exc:  # and the user's factory anything while it builds
+        raise FactoryError(f"{path}: calling {attr}() with no arguments failed: "
+                           f"{type(exc).__name__}: {one_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise FactoryError(f"{path}: {attr}() returned a {type(model).__name__}, not a "
+                           "torch.nn.Module")
     return model
 
 
 def load_checkpoint_model(path: Path, in_channels: int):
     """The model of a ``convspec train`` checkpoint (``{"model": state_dict, "config": ...}``),
-    read as the run directory's owner reads it (tensors and plain data only)."""
+    read as the run directory's owner reads it (tensors and plain data only; configs of the old
+    model naming are read too)."""
     from ..train.models import build_model
     from ..train.rundir import RunDirError, load_checkpoint
 
     ckpt = load_checkpoint(Path(path))
     cfg, state = ckpt["config"], ckpt["model"]
-    missing = [k for k in ("model", "depth") if k not in cfg]
-    if missing:
-        raise RunDirError(f"{path}: its config has no {missing}")
+    if "model" not in cfg:
+        raise RunDirError(f"{path}: its config has no model")
     linear = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     num_classes = int(linear[-1].shape[0]) if linear else 10
-    model = build_model(cfg["model"], cfg["depth"], cfg.get("width", 1), num_classes, in_channels)
+    try:
+        model = build_model(cfg["model"], num_classes, in_channels)
+    except ValueError as exc:
+        raise RunDirError(f"{path}: {exc}") from None
     model.load_state_dict(state)
     return model
 

@@ -19,7 +19,7 @@ def read_metrics(run: Path) -> List[dict]:
 def run_label(run: Path) -> str:
     cfg = RunDir(run).record()["config"]
     try:
-        return f"{Path(run).name} ({cfg['method']}, {cfg['model']}-{cfg['depth']}, seed {cfg['seed']})"
+        return f"{Path(run).name} ({cfg['method']}, {cfg['model']}, seed {cfg['seed']})"
     except KeyError:
         return Path(run).name
 

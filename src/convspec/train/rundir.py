@@ -38,6 +38,8 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from .models import upgrade_model_keys
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no lock
@@ -66,6 +68,13 @@ class RunLocked(RunDirError):
 def one_line(text: object) -> str:
     """``text`` with every run of whitespace (newlines too) collapsed to one space."""
     return " ".join(str(text).split())
+
+
+# Note [old configs]: run directories written before the one model naming store ``model`` as a
+# family (``convnet``) with ``depth`` and ``width`` keys, in the checkpoint's config, its record
+# and config.json. Every reader here returns them as ``model = 'convnet-20'`` (Note [model names]
+# in models.py), so the resume rule, ``compare``, ``plot`` and ``spectrum`` see one naming. Reading
+# never rewrites a file; ``--resume`` rewrites the views, and then they are in the new naming.
 
 
 def _os_reason(exc: OSError) -> str:
@@ -172,7 +181,9 @@ def _check_plain(obj: object, where: str = "checkpoint") -> None:
 
 def load_checkpoint(path: Path, *, mmap: bool = False) -> Dict:
     """The dict saved in ``path``, read with ``weights_only=True``; it must hold ``model`` (a
-    state dict) and ``config``. Every failure is a one-line :class:`RunDirError`.
+    state dict) and ``config``. Every failure is a one-line :class:`RunDirError`. A config (and
+    the record's) in the old model naming (``model``, ``depth``, ``width``) is returned in the
+    current one (Note [old configs]).
 
     ``mmap=True`` maps the tensors instead of reading them: cheap when only the history or the
     config is needed.
@@ -208,6 +219,10 @@ def load_checkpoint(path: Path, *, mmap: bool = False) -> Dict:
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                for k, v in state["model"].items()):
         raise RunDirError(f"{path}: 'model' is not a state dict of tensors")
+    state["config"] = upgrade_model_keys(state["config"])
+    record = state.get("record")
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        state["record"] = {**record, "config": upgrade_model_keys(record["config"])}
     return state
 
 
@@ -397,7 +412,7 @@ class RunDir:
         record = read_json(self.config)
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
             raise RunDirError(f"{self.config} has no 'config' object")
-        return record
+        return {**record, "config": upgrade_model_keys(record["config"])}
 
     def read_side(self, name: str) -> Optional[object]:
         """A side file written by another tool (e.g. ``operator_sigma.json`` of ``compare``),

@@ -467,7 +467,14 @@ def resolve(conv, input_size: IntTuple, *, stride=UNSET, padding=UNSET, dilation
 
 
 def check_finite(weight: torch.Tensor, what: str = "weight") -> None:
-    """Raise ``ValueError`` if ``weight`` holds NaN or Inf."""
+    """Raise ``ValueError`` if ``weight`` holds NaN or Inf.
+
+    Skipped while ``torch.compile`` traces (a data-dependent branch would split the graph, and
+    a check would synchronise the device every step): a non-finite weight then gives a
+    non-finite result instead of the error.
+    """
+    if torch.compiler.is_compiling():
+        return
     if not torch.isfinite(weight).all():
         raise ValueError(f"{what} contains NaN or Inf values")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import replace
+from dataclasses import astuple, replace
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
@@ -47,8 +47,24 @@ def _axis_factor(ax: AxisGeometry, side: str) -> np.ndarray:
     return evecs[:, keep] * np.sqrt(evals[keep])
 
 
-@lru_cache(maxsize=256)
 def _constants(
+    axes: Tuple[AxisGeometry, ...], side: str, dtype: torch.dtype, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_build_constants` for ``axes``, computed eagerly even under ``torch.compile``."""
+    key = tuple(astuple(ax) for ax in axes)
+    return _constants_of_key(key, side, dtype, device)
+
+
+@torch.compiler.assume_constant_result
+def _constants_of_key(key, side: str, dtype: torch.dtype, device: torch.device):
+    """Run eagerly and treated as a constant by ``torch.compile``: the geometry constants are
+    plain data of the layer's shape, so a compiled training step has no graph break inside the
+    penalty (Dynamo cannot trace the NumPy eigendecomposition that builds them)."""
+    return _build_constants(tuple(AxisGeometry(*k) for k in key), side, dtype, device)
+
+
+@lru_cache(maxsize=256)
+def _build_constants(
     axes: Tuple[AxisGeometry, ...], side: str, dtype: torch.dtype, device: torch.device
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cached tensors: ``V_1 (x) ... (x) V_d`` with rows ``(P, P')``, and ``D_1 (x) ... (x) D_d``."""

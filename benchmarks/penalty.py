@@ -70,14 +70,14 @@ def main() -> None:
     # multi-second dense call slows the calls right after it, so the exact route goes first.
     c, n = (8, 8) if args.quick else (16, 16)
     w = torch.randn(c, c, 3, 3) / 3
-    exact, _ = time_pair(lambda w: frobenius_penalty(w, n), lambda w: frobenius_penalty(w, n), w, 50)
+    exact, _ = time_pair(lambda w: frobenius_penalty(w, n, padding="same"), lambda w: frobenius_penalty(w, n, padding="same"), w, 50)
     dense, _ = time_pair(
-        lambda w: frobenius_penalty_reference(w, n), lambda w: w.sum(), w, 3
+        lambda w: frobenius_penalty_reference(w, n, padding="same"), lambda w: w.sum(), w, 3
     )
     wd = w.double()
     agree = float(
-        abs(frobenius_penalty(wd, n) - frobenius_penalty_reference(wd, n))
-        / frobenius_penalty_reference(wd, n)
+        abs(frobenius_penalty(wd, n, padding="same") - frobenius_penalty_reference(wd, n, padding="same"))
+        / frobenius_penalty_reference(wd, n, padding="same")
     )
     rows.append(dict(case=f"exact vs dense, g=h={c}, N={n}", baseline="dense",
                      baseline_s=dense, exact_s=exact, ratio=dense / exact, target=">= 1000",
@@ -85,7 +85,7 @@ def main() -> None:
 
     # 2. Exact time flat in N.
     small, large = time_pair(
-        lambda w: frobenius_penalty(w, 16), lambda w: frobenius_penalty(w, 4096), w, 200
+        lambda w: frobenius_penalty(w, 16, padding="same"), lambda w: frobenius_penalty(w, 4096, padding="same"), w, 200
     )
     rows.append(dict(case=f"exact N=4096 vs N=16, g=h={c}", baseline="exact N=16",
                      baseline_s=small, exact_s=large, ratio=large / small, target="<= 1.2",
@@ -95,7 +95,7 @@ def main() -> None:
     for c in ((64, 128) if args.quick else (64, 256, 512)):
         w = torch.randn(c, c, 3, 3) / (3 * c**0.5)
         reps = 40 if c <= 64 else (10 if c <= 256 else 5)
-        interior, exact = time_pair(interior_penalty, lambda w: frobenius_penalty(w, 32), w, reps)
+        interior, exact = time_pair(interior_penalty, lambda w: frobenius_penalty(w, 32, padding="same"), w, reps)
         rows.append(dict(case=f"exact vs interior-only, g=h={c}, N=32", baseline="interior-only",
                          baseline_s=interior, exact_s=exact, ratio=exact / interior,
                          target="<= 2", met=exact / interior <= 2))

@@ -94,7 +94,7 @@ def main() -> None:
         (16, 16, "svdvals"), (16, 32, "eigvalsh")
     ):
         w = kernel(c, seed=n)
-        it, t_it = timed(lambda: conv_singular_values(w, n, which="extremes", method="iterative"))
+        it, t_it = timed(lambda: conv_singular_values(w, n, which="extremes", method="iterative", padding="same"))
         (dmax, dmin, _), t_dense = timed(lambda: dense_extremes(w, n, "zeros", route))
         rows.append(dict(
             case=f"zero padding, g=h={c}, N={n} (n={c * n * n}): sigma_max, sigma_min",
@@ -111,7 +111,7 @@ def main() -> None:
     c0, n0 = (8, 8) if q else (16, 16)
     w0 = kernel(c0, seed=1)
     (_, _, dense_vals), t_dense0 = timed(lambda: dense_extremes(w0, n0, "circular", "eigvalsh"))
-    fft0, t_fft0 = timed(lambda: conv_singular_values(w0, n0, padding_mode="circular", method="fft"))
+    fft0, t_fft0 = timed(lambda: conv_singular_values(w0, n0, padding_mode="circular", method="fft", padding="same"))
     agree0 = float((fft0.values - dense_vals).abs().max() / dense_vals[0])
     rows.append(dict(
         case=f"circular, g=h={c0}, N={n0} (n={c0 * n0 * n0}): all singular values",
@@ -122,7 +122,7 @@ def main() -> None:
     print(rows[-1], flush=True)
     c, n = (16, 16) if q else (64, 32)
     w = kernel(c, seed=2)
-    fft, t_fft = timed(lambda: conv_singular_values(w, n, padding_mode="circular", method="fft"))
+    fft, t_fft = timed(lambda: conv_singular_values(w, n, padding_mode="circular", method="fft", padding="same"))
     t_dense_extrap = t_dense0 * (c * n * n / (c0 * n0 * n0)) ** 3
     frob = float((w**2).sum()) * n * n  # ||M||_F^2 of a circular convolution with P = N
     top = conv_singular_values(w, n, padding=1, padding_mode="circular", which="max",
@@ -143,10 +143,10 @@ def main() -> None:
     # 4. Zero padding, sigma_max of a wide layer: iterative vs bound and a tight iterative run.
     c, n = (32, 16) if q else (256, 32)
     w = kernel(c, seed=3)
-    it, t_it = timed(lambda: conv_singular_values(w, n, which="max", method="iterative"))
-    bound, t_bound = timed(lambda: conv_spectral_norm_bound(w, n))
+    it, t_it = timed(lambda: conv_singular_values(w, n, which="max", method="iterative", padding="same"))
+    bound, t_bound = timed(lambda: conv_spectral_norm_bound(w, n, padding="same"))
     ref, t_ref = timed(lambda: conv_singular_values(w, n, which="max", method="iterative",
-                                                    tol=1e-10, max_products=4000))
+                                                    tol=1e-10, max_products=4000, padding="same"))
     rows.append(dict(
         case=f"zero padding, g=h={c}, N={n} (n={c * n * n}): sigma_max",
         route="iterative", baseline="dense infeasible "

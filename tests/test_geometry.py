@@ -30,21 +30,21 @@ def test_output_size_matches_nn_conv2d():
 @pytest.mark.parametrize(
     "weight_shape, kwargs, message",
     [
-        ((3, 3, 3), {}, "weight must be 4-D"),
+        ((3, 3), {}, "weight must have 1, 2 or 3 spatial axes"),
         ((5, 2, 3, 3), dict(groups=2), "not divisible by groups"),
         ((4, 2, 3, 3), dict(groups=0), "groups must be a positive int"),
         ((4, 2, 3, 3), dict(input_size=0), "input_size must be >= 1"),
-        ((4, 2, 3, 3), dict(input_size=(4, 4, 4)), "input_size must be an int or a pair"),
+        ((4, 2, 3, 3), dict(input_size=(4, 4, 4)), "input_size must be an int or a tuple of 2 ints"),
         ((4, 2, 3, 3), dict(stride=2, padding="same"), "'same' is not supported with stride > 1"),
-        ((4, 2, 3, 3), dict(padding_mode="reflect"), "padding_mode must be one of"),
+        ((4, 2, 3, 3), dict(padding_mode="mirror"), "padding_mode must be one of"),
         ((4, 2, 3, 3), dict(padding_mode="bogus"), "padding_mode must be one of"),
         ((4, 2, 3, 3), dict(padding=-1), "padding must be >= 0"),
-        ((4, 2, 3, 3), dict(padding="full"), "padding must be an int, a pair, 'same' or 'valid'"),
+        ((4, 2, 3, 3), dict(padding="full"), "padding must be an int, a tuple, 'same' or 'valid'"),
         ((4, 2, 3, 3), dict(stride=0), "stride must be >= 1"),
         ((4, 2, 3, 3), dict(dilation=0), "dilation must be >= 1"),
         ((4, 2, 3, 3), dict(input_size=2, padding=0), "output would be empty"),
         ((4, 2, 3, 3), dict(input_size=2, padding=3, padding_mode="circular"), "wrap around"),
-        ((4, 2, 3, 3), dict(stride=True), "stride must be an int or a pair"),
+        ((4, 2, 3, 3), dict(stride=True), "stride must be an int or a tuple of 2 ints"),
     ],
 )
 def test_bad_geometry_raises_value_error(weight_shape, kwargs, message):

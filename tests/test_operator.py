@@ -46,7 +46,7 @@ def test_same_zero_padding_is_doubly_block_banded_toeplitz():
     # eq. (2.1): block (c, d) is an N x N block-Toeplitz grid of banded Toeplitz blocks.
     n, k = 6, 3
     w = torch.randn(2, 3, k, k, dtype=torch.float64)
-    m = conv_operator(w, n).view(2, n, n, 3, n, n)  # (c, y1, y2, d, x1, x2)
+    m = conv_operator(w, n, padding="same").view(2, n, n, 3, n, n)  # (c, y1, y2, d, x1, x2)
     for c in range(2):
         for d in range(3):
             for y1 in range(n):
@@ -65,14 +65,14 @@ def test_same_zero_padding_is_doubly_block_banded_toeplitz():
 
 def test_operator_is_differentiable():
     w = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda w: conv_operator(w, 3), (w,))
+    torch.autograd.gradcheck(lambda w: conv_operator(w, 3, padding="same"), (w,))
 
 
 def test_memory_limit_refuses_before_allocating():
     w = torch.randn(64, 64, 3, 3)
     with pytest.raises(ValueError, match="max_bytes"):
-        conv_operator(w, 64)  # 64*64*64^4 floats: 256 GiB
-    small = conv_operator(torch.randn(1, 1, 3, 3), 4, max_bytes=1024)
+        conv_operator(w, 64, padding="same")  # 64*64*64^4 floats: 256 GiB
+    small = conv_operator(torch.randn(1, 1, 3, 3), 4, max_bytes=1024, padding="same")
     assert small.shape == (16, 16)
     with pytest.raises(ValueError, match="max_bytes"):
-        conv_operator(torch.randn(1, 1, 3, 3), 4, max_bytes=1023)
+        conv_operator(torch.randn(1, 1, 3, 3), 4, max_bytes=1023, padding="same")

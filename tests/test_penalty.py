@@ -72,8 +72,8 @@ def test_exact_penalty_grid(mode, stride, padding, dilation, g, h, groups):
 
 def test_exact_penalty_float32_within_dtype_tolerance():
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
-    dense = frobenius_penalty_reference(w, 8, 1.0)
-    exact = frobenius_penalty(w.float(), 8, 1.0)
+    dense = frobenius_penalty_reference(w, 8, 1.0, padding="same")
+    exact = frobenius_penalty(w.float(), 8, 1.0, padding="same")
     assert exact.dtype == torch.float32
     assert abs(exact.double() - dense) <= tol(torch.float32) * dense
 
@@ -127,7 +127,7 @@ def test_one_by_one_conv_is_the_channel_matrix():
         mat = w[:, :, 0, 0]
         want = 6 * 7 * (mat.T @ mat - 0.5 * torch.eye(g, dtype=torch.float64)).square().sum()
         for mode in ("zeros", "circular"):
-            got = frobenius_penalty(w, (6, 7), 0.5, padding_mode=mode)
+            got = frobenius_penalty(w, (6, 7), 0.5, padding_mode=mode, padding="same")
             assert torch.isclose(got, want, rtol=1e-12)
 
 
@@ -139,10 +139,10 @@ def test_delta_kernel_with_orthogonal_tap_has_zero_penalty(mode, k):
     w = torch.zeros(c, c, k, k, dtype=torch.float64)
     w[:, :, k // 2, k // 2] = q
     n = 7
-    got = frobenius_penalty(w, n, 1.0, padding_mode=mode)
+    got = frobenius_penalty(w, n, 1.0, padding_mode=mode, padding="same")
     assert abs(got) <= 1e-12 * c * n * n
-    assert abs(frobenius_penalty_reference(w, n, 1.0, padding_mode=mode)) <= 1e-12 * c * n * n
-    smax, smin = extreme_singular_values(w, n, padding_mode=mode)
+    assert abs(frobenius_penalty_reference(w, n, 1.0, padding_mode=mode, padding="same")) <= 1e-12 * c * n * n
+    smax, smin = extreme_singular_values(w, n, padding_mode=mode, padding="same")
     assert abs(smax - 1) < 1e-12 and abs(smin - 1) < 1e-12
 
 
@@ -153,20 +153,20 @@ def test_single_channel_circular_conv_matches_fft():
         emb = torch.zeros(n, n, dtype=torch.float64)
         emb[:k, :k] = w[0, 0]
         mags = torch.fft.fft2(emb).abs().reshape(-1)
-        m = conv_operator(w, n, padding_mode="circular")
+        m = conv_operator(w, n, padding_mode="circular", padding="same")
         torch.testing.assert_close(torch.linalg.svdvals(m).sort().values, mags.sort().values,
                                    rtol=1e-10, atol=1e-10)
         want = (mags.square() - 1.3).square().sum()
-        got = frobenius_penalty(w, n, 1.3, padding_mode="circular")
+        got = frobenius_penalty(w, n, 1.3, padding_mode="circular", padding="same")
         assert torch.isclose(got, want, rtol=1e-10)
-        smax, smin = extreme_singular_values(w, n, padding_mode="circular")
+        smax, smin = extreme_singular_values(w, n, padding_mode="circular", padding="same")
         assert abs(smax - mags.max()) < 1e-10 and abs(smin - mags.min()) < 1e-10
 
 
 def test_sigma_min_counts_only_min_rows_cols_values():
     # A wide operator (g > h) has h*P1*P2 singular values; none of the "missing" zeros count.
     w = torch.randn(1, 3, 3, 3, dtype=torch.float64)
-    s = torch.linalg.svdvals(conv_operator(w, 6))
+    s = torch.linalg.svdvals(conv_operator(w, 6, padding="same"))
     assert s.numel() == 36
-    smax, smin = extreme_singular_values(w, 6)
+    smax, smin = extreme_singular_values(w, 6, padding="same")
     assert smin > 0 and abs(smin - s.min()) < 1e-12 and abs(smax - s.max()) < 1e-12

@@ -58,11 +58,11 @@ def as_dtype(w, dtype):
 
 
 TENSOR_FUNCTIONS = {
-    "frobenius_penalty": lambda w: frobenius_penalty(w, 5),
-    "frobenius_penalty_reference": lambda w: frobenius_penalty_reference(w, 5),
-    "frobenius_penalty_grad_reference": lambda w: frobenius_penalty_grad_reference(w, 5),
-    "spectral_penalty": lambda w: spectral_penalty(w, 5, state={}),
-    "penalty_descent": lambda w: penalty_descent(w, 5, steps=1, track_spectrum=False),
+    "frobenius_penalty": lambda w: frobenius_penalty(w, 5, padding="same"),
+    "frobenius_penalty_reference": lambda w: frobenius_penalty_reference(w, 5, padding="same"),
+    "frobenius_penalty_grad_reference": lambda w: frobenius_penalty_grad_reference(w, 5, padding="same"),
+    "spectral_penalty": lambda w: spectral_penalty(w, 5, state={}, padding="same"),
+    "penalty_descent": lambda w: penalty_descent(w, 5, steps=1, track_spectrum=False, padding="same"),
     "bound_singular_values": lambda w: bound_singular_values(w, 0.1),
 }
 
@@ -127,7 +127,7 @@ def test_non_finite_or_non_real_alpha_raises(bad):
         with pytest.raises(ValueError, match="alpha"):
             fn(w, 5, bad)
     with pytest.raises(ValueError, match="alpha"):
-        penalty_descent(w, 5, bad, steps=1)
+        penalty_descent(w, 5, bad, steps=1, padding="same")
     with pytest.raises(ValueError, match="alpha"):
         FrobeniusRegularizer(nn.Conv2d(2, 2, 3), bad)
 
@@ -146,9 +146,9 @@ def test_non_finite_descent_and_init_hyperparameters_raise(bad):
 def test_alpha_as_a_numpy_or_tensor_scalar_still_works():
     np = pytest.importorskip("numpy")
     w = rand(3, 2, 3, 3)
-    want = frobenius_penalty(w, 5, 0.5)
-    assert torch.equal(frobenius_penalty(w, 5, np.float64(0.5)), want)
-    assert torch.equal(frobenius_penalty(w, 5, torch.tensor(0.5)), want)
+    want = frobenius_penalty(w, 5, 0.5, padding="same")
+    assert torch.equal(frobenius_penalty(w, 5, np.float64(0.5), padding="same"), want)
+    assert torch.equal(frobenius_penalty(w, 5, torch.tensor(0.5), padding="same"), want)
 
 
 # ------------------------------------------------------------------------------ float16 / bfloat16
@@ -196,11 +196,11 @@ def test_low_precision_penalty_is_float32_accurate(dtype, case):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_low_precision_dense_references(dtype):
     w = rand(4, 3, 3, 3, seed=4, scale=0.4).to(dtype)
-    ref = frobenius_penalty_reference(w.double(), 5, 0.7)
-    got = frobenius_penalty_reference(w, 5, 0.7)
+    ref = frobenius_penalty_reference(w.double(), 5, 0.7, padding="same")
+    got = frobenius_penalty_reference(w, 5, 0.7, padding="same")
     assert got.dtype == dtype and abs(float(got) - float(ref)) <= bound(dtype, float(ref), 75)
-    gref = frobenius_penalty_grad_reference(w.double(), 5, 0.7)
-    grad = frobenius_penalty_grad_reference(w, 5, 0.7)
+    gref = frobenius_penalty_grad_reference(w.double(), 5, 0.7, padding="same")
+    grad = frobenius_penalty_grad_reference(w, 5, 0.7, padding="same")
     assert grad.dtype == dtype
     assert float((grad.double() - gref).abs().max()) <= torch.finfo(dtype).eps * float(gref.abs().max())
 
@@ -208,11 +208,11 @@ def test_low_precision_dense_references(dtype):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_low_precision_spectral_penalty(dtype):
     w = rand(3, 2, 3, 3, seed=5, scale=0.5).to(dtype).requires_grad_(True)
-    m = conv_operator(w.detach().double(), 4)
+    m = conv_operator(w.detach().double(), 4, padding="same")
     e = torch.linalg.eigvalsh(m.T @ m)
     ref = float(torch.maximum(e[-1] - 1, 1 - e[0]))
     state = {}
-    got = spectral_penalty(w, 4, n_power_iterations=3000, state=state)
+    got = spectral_penalty(w, 4, n_power_iterations=3000, state=state, padding="same")
     assert got.dtype == dtype and state["u"].dtype == torch.float32
     assert abs(float(got.detach()) - ref) <= torch.finfo(dtype).eps / 2 * abs(ref) + 1e-5
     got.backward()
@@ -222,10 +222,10 @@ def test_low_precision_spectral_penalty(dtype):
 def test_float16_overflow_of_the_value_warns_and_float32_works():
     w = rand(8, 8, 3, 3, seed=6).half().requires_grad_(True)
     with pytest.warns(RuntimeWarning, match="exceeds the range of torch.float16"):
-        r = frobenius_penalty(w, 32)
+        r = frobenius_penalty(w, 32, padding="same")
     assert r.dtype == torch.float16 and torch.isinf(r)
-    r32 = frobenius_penalty(w.float(), 32)  # the documented way out
-    ref = float(frobenius_penalty(w.detach().double(), 32))
+    r32 = frobenius_penalty(w.float(), 32, padding="same")  # the documented way out
+    ref = float(frobenius_penalty(w.detach().double(), 32, padding="same"))
     assert r32.dtype == torch.float32 and abs(float(r32.detach()) - ref) <= 1e-5 * ref
     r32.backward()
     assert w.grad.dtype == torch.float16
@@ -251,9 +251,9 @@ def test_regularizer_on_a_bfloat16_model_rounds_once():
 def test_descent_accepts_low_precision_weights():
     w = rand(3, 3, 3, 3, seed=7, scale=0.5)
     res = penalty_descent(w.to(torch.bfloat16), 5, steps=3, step_rule="armijo",
-                          track_spectrum=False)
+                          track_spectrum=False, padding="same")
     ref = penalty_descent(w.to(torch.bfloat16).double(), 5, steps=3, step_rule="armijo",
-                          track_spectrum=False)
+                          track_spectrum=False, padding="same")
     assert res.penalty == ref.penalty and res.weight.dtype == torch.float64
 
 
@@ -290,11 +290,11 @@ def value_and_grad(fn, w, *, autocast=None, backward_inside=False):
 def test_penalties_forward_and_backward_under_autocast(device, dtype, backward_inside):
     w = rand(6, 4, 3, 3, seed=8, scale=0.3, dtype=torch.float32).to(device)
     state = {}
-    spectral_penalty(w, 6, n_power_iterations=50, state=state)  # warm vectors, then copies
+    spectral_penalty(w, 6, n_power_iterations=50, state=state, padding="same")  # warm vectors, then copies
     fns = {
         "frobenius": lambda k: frobenius_penalty(k, 6, stride=2, padding=1),
         "spectral": lambda k: spectral_penalty(
-            k, 6, n_power_iterations=2, state={key: v.clone() for key, v in state.items()}),
+            k, 6, n_power_iterations=2, state={key: v.clone() for key, v in state.items()}, padding="same"),
         "reference": lambda k: frobenius_penalty_reference(k, 6, stride=2, padding=1),
     }
     if backward_inside:  # PyTorch runs built-in backward formulas (the dense GEMMs) under it
@@ -308,8 +308,8 @@ def test_penalties_forward_and_backward_under_autocast(device, dtype, backward_i
         torch.testing.assert_close(grad, gwant, rtol=1e-5, atol=1e-5 * float(gwant.abs().max()),
                                    msg=name)
     with torch.autocast(device, dtype=dtype):
-        g = frobenius_penalty_grad_reference(w, 6)
-    torch.testing.assert_close(g, frobenius_penalty_grad_reference(w, 6), rtol=1e-5, atol=1e-4)
+        g = frobenius_penalty_grad_reference(w, 6, padding="same")
+    torch.testing.assert_close(g, frobenius_penalty_grad_reference(w, 6, padding="same"), rtol=1e-5, atol=1e-4)
 
 
 def make_model(device):

@@ -89,7 +89,7 @@ def test_value_is_a_lower_bound_before_convergence():
     (dict(alpha=float("nan")), "alpha"),
     (dict(n_power_iterations=-1), "n_power_iterations"),
     (dict(state=[1]), "state"),
-    (dict(padding_mode="reflect"), "padding_mode"),
+    (dict(padding_mode="mirror"), "padding_mode"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

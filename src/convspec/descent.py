@@ -9,10 +9,10 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ._geometry import IntPair, Padding, check_real, check_weight, conv_geometry
+from ._geometry import UNSET, IntTuple, check_real, check_weight, resolve
 from ._progress import progress_bar
-from .penalty import frobenius_penalty, spectral_penalty
-from .operator import conv_operator
+from .operator import dense_operator
+from .penalty import _frobenius_value, _spectral_value
 from .spectrum import _gram_extremes
 
 STEP_RULES = ("paper", "constant", "armijo")
@@ -63,8 +63,8 @@ class DescentResult:
 
 
 def penalty_descent(
-    weight: torch.Tensor,
-    input_size: IntPair,
+    conv,
+    input_size: IntTuple,
     alpha: float = 1.0,
     *,
     steps: int = 300,
@@ -74,11 +74,13 @@ def penalty_descent(
     track_spectrum: bool = True,
     armijo_c: float = 1e-4,
     armijo_shrink: float = 0.5,
-    stride: IntPair = 1,
-    padding: Padding = "same",
-    dilation: IntPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
+    stride=UNSET,
+    padding=UNSET,
+    dilation=UNSET,
+    groups=UNSET,
+    padding_mode=UNSET,
+    transposed=UNSET,
+    output_padding=UNSET,
     progress: bool = False,
     callback: Optional[Callable[[int, DescentResult], None]] = None,
 ) -> DescentResult:
@@ -91,12 +93,13 @@ def penalty_descent(
     penalty is the power-iteration value (exact as the vectors converge) and the gradient that of
     the extreme eigenvalues it tracks.
 
-    ``M`` is the operator of ``nn.Conv2d(g, h, (k1, k2), stride=stride, padding=padding,
-    dilation=dilation, groups=groups, padding_mode=padding_mode, bias=False)`` on a ``g x N1 x N2``
-    input; by default ``R`` is the exact penalty of :func:`frobenius_penalty`, its gradient exact
+    ``conv`` is a convolution module (any ``nn.Conv*d`` / ``nn.ConvTranspose*d``; its geometry is
+    read from it) or a weight tensor with the keywords of ``nn.Conv*d`` and their defaults
+    (``padding=0``; the paper's experiments use ``padding='same'``); ``M`` is the operator the
+    layer applies to an input of ``input_size`` (see :func:`convspec.conv_operator`). By default ``R`` is the exact penalty of :func:`frobenius_penalty`, its gradient exact
     (autograd through the structured formula, equal to the closed form of Theorem 3.1).
-    ``weight`` is not modified: the descent runs on a float64 copy, returned in the result
-    (``weight`` may be float16, bfloat16, float32 or float64; other dtypes, NaN/Inf entries and
+    The layer's weight is not modified: the descent runs on a float64 copy, returned in the result
+    (the weight may be float16, bfloat16, float32 or float64; other dtypes, NaN/Inf entries and
     non-finite ``alpha``, ``lr``, ``armijo_c``, ``armijo_shrink`` raise ``ValueError``).
 
     Step rules, each along ``-G`` with ``G = (1/2) dR/dK`` as eq. (3.2) defines it:
@@ -113,7 +116,7 @@ def penalty_descent(
     whichever is smaller: accurate unless ``sigma_min < 1e-8 sigma_max``; this dominates the cost).
 
     >>> w = torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(0))
-    >>> res = penalty_descent(w, 6, steps=30, step_rule='armijo')
+    >>> res = penalty_descent(w, 6, steps=30, step_rule='armijo', padding='same')
     >>> res.penalty[-1] < res.penalty[0] / 10
     True
     >>> abs(res.sigma_max[-1] - 1) < abs(res.sigma_max[0] - 1)
@@ -136,10 +139,10 @@ def penalty_descent(
     if not (0 < check_real(armijo_c, "armijo_c") < 1
             and 0 < check_real(armijo_shrink, "armijo_shrink") < 1):
         raise ValueError("armijo_c and armijo_shrink must lie in (0, 1)")
-    geometry = dict(
-        stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode
-    )
-    conv_geometry(weight, input_size, **geometry)  # validate before any work
+    weight, geom = resolve(
+        conv, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        padding_mode=padding_mode, transposed=transposed, output_padding=output_padding,
+    )  # validate before any work
     check_weight(weight)
 
     power_state: dict = {}
@@ -147,10 +150,8 @@ def penalty_descent(
     def value(k: torch.Tensor) -> torch.Tensor:
         if penalty == "spectral":
             iters = SPECTRAL_STEP_ITERATIONS if power_state else SPECTRAL_WARMUP_ITERATIONS
-            return spectral_penalty(
-                k, input_size, alpha, n_power_iterations=iters, state=power_state, **geometry
-            )
-        return frobenius_penalty(k, input_size, alpha, **geometry)
+            return _spectral_value(k, geom, alpha, iters, power_state)
+        return _frobenius_value(k, geom, alpha)
 
     def value_and_grad(k: torch.Tensor):
         k = k.detach().requires_grad_(True)
@@ -169,7 +170,7 @@ def penalty_descent(
             result.penalty.append(float(r))
             result.grad_norm.append(gnorm)
             if track_spectrum:
-                smax, smin = _gram_extremes(conv_operator(k, input_size, **geometry))
+                smax, smin = _gram_extremes(dense_operator(k, geom))
                 result.sigma_max.append(smax)
                 result.sigma_min.append(smin)
             if not math.isfinite(float(r)):

@@ -2,27 +2,71 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import reduce
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
-from ._geometry import PADDING_MODES, check_real, check_weight, check_weight_dtype, conv_geometry
+from ._geometry import (
+    CONV_TYPES, TRANSPOSED_TYPES, check_real, check_weight, check_weight_dtype, conv_geometry,
+    geometry_of, is_conv,
+)
 from ._precision import to_weight_dtype
 from .penalty import _frobenius_value
 
+#: Module attribute where the forward pre-hook records the input sizes a convolution has seen.
+SIZES_ATTR = "_convspec_input_sizes"
+#: A layer seen at more distinct input sizes than this triggers a warning (each size costs a term).
+MANY_SIZES = 16
+
+_NDIM = {**{t: i + 1 for i, t in enumerate(CONV_TYPES)},
+         **{t: i + 1 for i, t in enumerate(TRANSPOSED_TYPES)}}
+
+
+def _spatial_ndim(module: nn.Module) -> int:
+    for t, d in _NDIM.items():
+        if isinstance(module, t):
+            return d
+    raise ValueError(f"not a convolution: {type(module).__name__}")
+
+
+# Note [size hook]: the hook is a module-level function and the sizes live on the module itself
+# (a plain dict, keys in the order first seen). Nothing in the model then refers to the
+# regularizer: torch.save(model) pickles the hook by name and the sizes as data, and a deepcopy of
+# the model (an EMA copy) records into its own copy of the dict, never into the original's.
+def record_input_size(module: nn.Module, args) -> None:
+    """Forward pre-hook: add the spatial size of the layer's input to ``module``'s record."""
+    d = _spatial_ndim(module)
+    size = tuple(int(n) for n in args[0].shape[-d:])
+    sizes = module.__dict__.get(SIZES_ATTR)
+    if sizes is None:
+        sizes = {}
+        module.__dict__[SIZES_ATTR] = sizes
+    if size not in sizes:
+        sizes[size] = None
+
 
 class FrobeniusRegularizer:
-    """Sum of the exact Frobenius penalties of every conv and linear layer of ``model``.
+    """Sum of the exact Frobenius penalties of every convolution and linear layer of ``model``.
 
-    For each ``nn.Conv2d`` the term is :func:`frobenius_penalty` of its weight with the layer's
-    own ``stride``, ``padding``, ``dilation``, ``groups`` and ``padding_mode``, on the input size
-    the layer last saw (recorded by a forward pre-hook: run one forward pass before the first
-    call). For each ``nn.Linear`` (``W`` of shape ``out x in``) it is ``||W^T W - alpha I||_F^2``,
-    eq. (1.2) of Guo (2019). With ``normalize=True`` each term is divided by the dimension of its
-    identity (``g N1 N2`` for a conv, ``in`` for a linear layer), so that one weight suits layers
-    of any size. Every term is exact and costs nothing that grows with the image size.
+    Every ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (and their ``Lazy*`` forms) is
+    included, with its own geometry and padding mode (:func:`frobenius_penalty` of the module),
+    at **every input size it has seen**: a forward pre-hook records the distinct spatial sizes
+    of each layer's input (run one forward pass before the first call), and each size
+    contributes its own exact term (a layer that sees 32 x 32 and 64 x 64 inputs is penalised
+    at both; :meth:`reset_sizes` forgets them). For each ``nn.Linear`` (``W`` of shape
+    ``out x in``) the term is ``||W^T W - alpha I||_F^2``, eq. (1.2) of Guo (2019). With
+    ``normalize=True`` each term is divided by the dimension of its identity (``g N`` for a conv,
+    ``in`` for a linear layer), so that one weight suits layers of any size. Every term is exact
+    and costs nothing that grows with the image size.
+
+    The model is left as it behaves without the regularizer: the hook is a module-level function
+    and the sizes are stored on each layer (attribute ``_convspec_input_sizes``), so
+    ``torch.save(model)`` works with the regularizer attached, and a ``deepcopy`` of the model
+    (e.g. an EMA copy) records into its own layers, not into this regularizer. The hook works
+    under ``torch.compile``; :meth:`remove` detaches it.
 
     Every term is computed in float32 or better with ``torch.autocast`` disabled, so the
     regularizer works in mixed-precision training (call it inside or outside the autocast region;
@@ -32,14 +76,14 @@ class FrobeniusRegularizer:
     :func:`frobenius_penalty`. Weights must be float16, bfloat16, float32 or float64 and ``alpha``
     finite, else ``ValueError`` (naming the layer for a bad dtype).
 
-    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
-    ...                       nn.Linear(8 * 16 * 16, 10))
+    >>> model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+    ...                       nn.Linear(8 * 16, 10))
     >>> reg = FrobeniusRegularizer(model, normalize=True)
-    >>> _ = model(torch.randn(2, 3, 16, 16))      # records each conv's input size
+    >>> _ = model(torch.randn(2, 3, 16))           # records each conv's input size
     >>> loss = reg()                               # add weight * loss to the training loss
     >>> loss.backward()
-    >>> sorted(reg.input_sizes.values())
-    [(16, 16)]
+    >>> reg.input_sizes
+    {'0': [(16,)]}
 
     References: P.-C. Guo, arXiv:1907.11235, eqs. (1.2), (1.3) and Section 5.
     """
@@ -56,36 +100,39 @@ class FrobeniusRegularizer:
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         self.alpha = check_real(alpha, "alpha")
         self.normalize = normalize
-        self.convs: Dict[str, nn.Conv2d] = {}
+        self.convs: Dict[str, nn.Module] = {}
         self.linears: Dict[str, nn.Linear] = {}
         for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d):
-                if module.padding_mode not in PADDING_MODES:
-                    raise ValueError(
-                        f"layer {name!r} uses padding_mode={module.padding_mode!r}; "
-                        f"the exact penalty supports {PADDING_MODES}"
-                    )
-                check_weight_dtype(module.weight, f"layer {name!r}: weight")
+            if is_conv(module):
+                if not isinstance(module.weight, nn.parameter.UninitializedParameter):
+                    check_weight_dtype(module.weight, f"layer {name!r}: weight")
                 self.convs[name] = module
             elif isinstance(module, nn.Linear) and include_linear:
-                check_weight_dtype(module.weight, f"layer {name!r}: weight")
+                if not isinstance(module.weight, nn.parameter.UninitializedParameter):
+                    check_weight_dtype(module.weight, f"layer {name!r}: weight")
                 self.linears[name] = module
         if not self.convs and not self.linears:
-            raise ValueError("model has no nn.Conv2d or nn.Linear layer to regularise")
-        self.input_sizes: Dict[str, Tuple[int, int]] = {}
-        self._hooks = [
-            conv.register_forward_pre_hook(self._recorder(name)) for name, conv in self.convs.items()
-        ]
+            raise ValueError("model has no convolution or nn.Linear layer to regularise")
+        self._hooks = []
+        for conv in self.convs.values():
+            conv.__dict__.setdefault(SIZES_ATTR, {})
+            self._hooks.append(conv.register_forward_pre_hook(record_input_size))
+        self._warned_many: set = set()
 
-    def _recorder(self, name: str):
-        def hook(module, args):
-            self.input_sizes[name] = tuple(args[0].shape[-2:])
+    @property
+    def input_sizes(self) -> Dict[str, List[Tuple[int, ...]]]:
+        """The distinct input sizes each conv layer has seen, in the order first seen."""
+        return {name: list(conv.__dict__.get(SIZES_ATTR, {})) for name, conv in self.convs.items()}
 
-        return hook
+    def reset_sizes(self) -> None:
+        """Forget the recorded input sizes (e.g. after a warm-up at another resolution)."""
+        for conv in self.convs.values():
+            conv.__dict__[SIZES_ATTR] = {}
 
     def _terms(self) -> Dict[str, Tuple[torch.Tensor, torch.dtype]]:
         """Per layer: the term in float32 or better (autocast off) and its weight's dtype."""
-        missing = [n for n in self.convs if n not in self.input_sizes]
+        sizes = self.input_sizes
+        missing = [n for n in self.convs if not sizes[n]]
         if missing:
             raise RuntimeError(
                 f"no input size recorded for conv layer(s) {missing[:3]}: run a forward pass "
@@ -93,32 +140,32 @@ class FrobeniusRegularizer:
             )
         out: Dict[str, Tuple[torch.Tensor, torch.dtype]] = {}
         for name, conv in self.convs.items():
-            size = self.input_sizes[name]
-            geom = conv_geometry(
-                conv.weight,
-                size,
-                stride=conv.stride,
-                padding=conv.padding,
-                dilation=conv.dilation,
-                groups=conv.groups,
-                padding_mode=conv.padding_mode,
-            )
+            if len(sizes[name]) > MANY_SIZES and name not in self._warned_many:
+                self._warned_many.add(name)
+                warnings.warn(
+                    f"FrobeniusRegularizer: layer {name!r} has seen {len(sizes[name])} input "
+                    "sizes and is penalised at each; call reset_sizes() to forget them",
+                    stacklevel=3,
+                )
             check_weight(conv.weight, f"layer {name!r}: weight")
-            term = _frobenius_value(conv.weight, geom, self.alpha)
-            if self.normalize:
-                term = term / (conv.in_channels * size[0] * size[1])
-            out[name] = (term, conv.weight.dtype)
+            total = None
+            for size in sizes[name]:
+                geom = geometry_of(conv, size)
+                term = _frobenius_value(conv.weight, geom, self.alpha)
+                if self.normalize:
+                    term = term / geom.layer_n_in
+                total = term if total is None else total + term
+            out[name] = (total, conv.weight.dtype)
         for name, lin in self.linears.items():
             check_weight_dtype(lin.weight, f"layer {name!r}: weight")
-            # W (out x in) is the operator of a 1x1 convolution on a 1x1 input, so the same
+            # W (out x in) is the operator of a 1x1 convolution on a length-1 input, so the same
             # computation (Gram on the smaller side, autocast-proof backward) gives
             # ||W^T W - aI||^2 = ||W W^T||^2 - 2a ||W||^2 + a^2 in.
             w = lin.weight
-            geom = conv_geometry((w.shape[0], w.shape[1], 1, 1), 1, padding=0)
-            term = _frobenius_value(w.reshape(*w.shape, 1, 1), geom, self.alpha)
+            geom = conv_geometry((w.shape[0], w.shape[1], 1), 1)
+            term = _frobenius_value(w.unsqueeze(-1), geom, self.alpha)
             out[name] = (term / w.shape[1] if self.normalize else term, w.dtype)
         return out
-
     def penalties(self) -> Dict[str, torch.Tensor]:
         """The term of each layer, by module name, in that layer's weight dtype (differentiable)."""
         return {
@@ -135,7 +182,7 @@ class FrobeniusRegularizer:
         return to_weight_dtype(total, dtype, "FrobeniusRegularizer")
 
     def remove(self) -> None:
-        """Remove the forward pre-hooks from the model."""
+        """Remove the forward pre-hooks (the recorded sizes stay on the layers)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []

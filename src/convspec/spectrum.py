@@ -93,7 +93,7 @@ def _without_idle_wrap(geom: ConvGeometry) -> ConvGeometry:
     Without padding no tap leaves ``[0, N)``, so nothing wraps and the axis is the zero-padded
     one; the banded Gram of the iterative route then keeps its band instead of one dense block.
     """
-    axes = tuple(replace(ax, circular=False) if ax.circular and not (ax.pad_lo or ax.pad_hi)
+    axes = tuple(replace(ax, mode="zeros") if ax.circular and not (ax.pad_lo or ax.pad_hi)
                  else ax for ax in geom.axes)
     mode = geom.padding_mode if any(ax.circular for ax in axes) else "zeros"
     return replace(geom, axes=axes, padding_mode=mode)
@@ -593,7 +593,7 @@ def conv_singular_values(
     input_size: IntPair,
     *,
     stride: IntPair = 1,
-    padding: Padding = "same",
+    padding: Padding = 0,
     dilation: IntPair = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
@@ -706,7 +706,7 @@ def conv_spectral_norm_bound(
     input_size: IntPair,
     *,
     stride: IntPair = 1,
-    padding: Padding = "same",
+    padding: Padding = 0,
     dilation: IntPair = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
@@ -800,7 +800,7 @@ def extreme_singular_values(
     input_size: IntPair,
     *,
     stride: IntPair = 1,
-    padding: Padding = "same",
+    padding: Padding = 0,
     dilation: IntPair = 1,
     groups: int = 1,
     padding_mode: str = "zeros",

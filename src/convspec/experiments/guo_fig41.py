@@ -73,7 +73,7 @@ def run(config: Fig41Config, progress: bool = True) -> dict:
                 steps=config.steps,
                 step_rule=config.step_rule,
                 lr=config.lr,
-                callback=lambda it, r: bar.update(1),
+                callback=lambda it, r: bar.update(1), padding="same",
             )
             entry = {"shape": list(shape), **res.history()}
             record["kernels"].append(entry)

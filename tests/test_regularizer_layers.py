@@ -1,0 +1,127 @@
+"""FrobeniusRegularizer on every layer type; it must not change the model's behaviour."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import convspec
+from convspec.regularizer import MANY_SIZES
+
+from _dense import dense_penalty
+
+
+def _model():
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Unflatten(2, (4, 4)),
+        nn.ConvTranspose2d(4, 3, 2, stride=2),
+        nn.Unflatten(2, (1, 8)),
+        nn.Conv3d(3, 2, (1, 3, 3), padding=(0, 1, 1), padding_mode="replicate"),
+        nn.Flatten(),
+        nn.LazyLinear(5),
+    ).double()
+
+
+def _x(batch=2):
+    return torch.randn(batch, 2, 16, dtype=torch.float64)
+
+
+def test_every_layer_type_is_regularised_exactly():
+    model = _model()
+    model(_x())
+    reg = convspec.FrobeniusRegularizer(model, 0.5)
+    assert set(reg.convs) == {"0", "3", "5"} and set(reg.linears) == {"7"}
+    model(_x())
+    assert reg.input_sizes == {"0": [(16,)], "3": [(4, 4)], "5": [(1, 8, 8)]}
+    terms = reg.penalties()
+    for name, size in (("0", 16), ("3", (4, 4)), ("5", (1, 8, 8))):
+        assert float(terms[name]) == pytest.approx(dense_penalty(model.get_submodule(name), size, 0.5), rel=1e-10)
+    w = model[7].weight.detach()
+    lin = float((w.T @ w - 0.5 * torch.eye(w.shape[1], dtype=w.dtype)).square().sum())
+    assert float(terms["7"]) == pytest.approx(lin, rel=1e-10)
+    assert float(reg()) == pytest.approx(sum(float(t) for t in terms.values()), rel=1e-12)
+
+
+def test_each_input_size_seen_is_penalised():
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    reg = convspec.FrobeniusRegularizer(conv)
+    conv(torch.zeros(1, 2, 8, 8, dtype=torch.float64))
+    conv(torch.zeros(1, 2, 12, 6, dtype=torch.float64))
+    conv(torch.zeros(3, 2, 8, 8, dtype=torch.float64))
+    assert reg.input_sizes == {"": [(8, 8), (12, 6)]}
+    assert float(reg()) == pytest.approx(dense_penalty(conv, 8) + dense_penalty(conv, (12, 6)), rel=1e-10)
+    reg.reset_sizes()
+    with pytest.raises(RuntimeError, match="forward pass"):
+        reg()
+
+
+def test_many_sizes_warn_once():
+    conv = nn.Conv1d(1, 1, 3)
+    reg = convspec.FrobeniusRegularizer(conv)
+    for n in range(3, 4 + MANY_SIZES):
+        conv(torch.zeros(1, 1, n))
+    with pytest.warns(UserWarning, match="input sizes"):
+        reg()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg()
+
+
+def test_save_and_deepcopy_leave_the_regularizer_alone():
+    model = _model()
+    model(_x())
+    reg = convspec.FrobeniusRegularizer(model)
+    model(_x())
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the hook is a module-level function: the model pickles
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.allclose(loaded(_x(1) * 0), model(_x(1) * 0))
+    ema = copy.deepcopy(model)
+    ema[0](torch.zeros(1, 2, 7, dtype=torch.float64))  # the copy records into itself
+    assert reg.input_sizes["0"] == [(16,)]
+    value = float(reg())
+    reg.remove()
+    model[0](torch.zeros(1, 2, 9, dtype=torch.float64))
+    assert reg.input_sizes["0"] == [(16,)] and float(reg()) == value
+
+
+def test_compiled_step_has_no_graph_break_and_matches_eager():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 2, 2, stride=2))
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    reg = convspec.FrobeniusRegularizer(model)
+
+    def step(inp):
+        return model(inp).square().mean() + 1e-3 * reg()
+
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    eager = step(x)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(step, backend="eager")(x)
+    compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_autocast_bfloat16_forward_and_backward():
+    model = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.ReLU())
+    x = torch.randn(1, 2, 4, 4, 4)
+    reg = convspec.FrobeniusRegularizer(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().mean() + reg()
+    loss.backward()
+    ref = convspec.frobenius_penalty(model[0], 4)
+    assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
+    assert float(reg()) == pytest.approx(float(ref), rel=1e-6)

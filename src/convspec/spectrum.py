@@ -648,8 +648,8 @@ def conv_singular_values(
     weights, ``which``, ``method``, ``tol``, or a method that does not apply.
 
     >>> w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    >>> fft = conv_singular_values(w, 8, padding_mode='circular', method='fft')
-    >>> dense = conv_singular_values(w, 8, padding_mode='circular', method='dense')
+    >>> fft = conv_singular_values(w, 8, padding=1, padding_mode='circular', method='fft')
+    >>> dense = conv_singular_values(w, 8, padding=1, padding_mode='circular', method='dense')
     >>> fft.values.shape, bool(torch.allclose(fft.values, dense.values))
     (torch.Size([192]), True)
     >>> it = conv_singular_values(w, 8, which='extremes', method='iterative')

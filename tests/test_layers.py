@@ -77,7 +77,7 @@ def test_penalty_and_gradient_are_exact_on_random_layers(seed):
         m.zero_grad()
         exact = convspec.frobenius_penalty(m, n, alpha)
         ref = dense_penalty(m, n, alpha)
-        assert float(exact) == pytest.approx(ref, rel=1e-10, abs=1e-9), (m, n)
+        assert float(exact.detach()) == pytest.approx(ref, rel=1e-10, abs=1e-9), (m, n)
         exact.backward()
         grad_ref = convspec.frobenius_penalty_grad_reference(m, n, alpha)
         scale = float(grad_ref.abs().max()) + 1

@@ -114,12 +114,28 @@ class AxisGeometry:
         return -t if t < 0 else 2 * (n - 1) - t  # reflect (pads < n, checked on construction)
 
     def sources(self) -> np.ndarray:
-        """``source(t)`` for every padded position ``t = -pad_lo, ..., N + pad_hi - 1`` (-1: zero)."""
-        return np.array(
-            [-1 if (x := self.source(t)) is None else x
-             for t in range(-self.pad_lo, self.size + self.pad_hi)],
-            dtype=np.int64,
-        )
+        """``source(t)`` for every padded position ``t = -pad_lo, ..., N + pad_hi - 1`` (-1: zero).
+
+        Vectorised: ``O(N + pad)`` without a Python loop over positions.
+        """
+        t = np.arange(-self.pad_lo, self.size + self.pad_hi, dtype=np.int64)
+        n = self.size
+        if self.mode == "zeros":
+            return np.where((t >= 0) & (t < n), t, -1)
+        if self.mode == "circular":
+            return np.mod(t, n)
+        if self.mode == "replicate":
+            return np.clip(t, 0, n - 1)
+        return np.where(t < 0, -t, np.where(t >= n, 2 * (n - 1) - t, t))  # reflect
+
+    def tap_positions(self) -> np.ndarray:
+        """``(k, P)``: the input position output ``y`` reads through tap ``p`` (-1: a zero).
+
+        ``O(k P)``, unlike the ``(k, P, N)`` :meth:`tap_matrices`: usable at any ``N``.
+        """
+        t = (self.stride * np.arange(self.out_size)[None, :]
+             + self.dilation * np.arange(self.kernel)[:, None])  # padded index t + pad_lo
+        return self.sources()[t]
 
     def preimages(self, x: int) -> Tuple[int, ...]:
         """Every padded position ``t`` whose :meth:`source` is the input position ``x``."""

@@ -24,10 +24,12 @@ A Ritz pair ``(theta, V s)`` has residual ``||A V s - theta V s|| = beta |s_last
 arithmetic. That estimate only decides when to *try* to stop: every returned pair is checked with
 a fresh application of the operator (``verify``), and only that check sets ``converged``.
 
-Note [breakdown]: a tiny ``beta`` (below ``1e-10`` of the operator's scale after
+Note [breakdown]: a ``beta`` at rounding level (below ``1e-13 ||A v||`` after
 reorthogonalisation) means the basis spans an invariant subspace: the next direction is numerical
 noise, and normalising it used to produce a basis that was no longer orthogonal and Ritz values
-below every eigenvalue they claimed. Instead, the next vector is a random one orthogonalised
+below every eigenvalue they claimed. (A larger threshold is wrong too: with shift-and-invert the
+operator's scale spans many orders of magnitude, and ``beta = 1e-11 ||A v||`` there is the
+direction that refines a near-null vector.) Instead, the next vector is a random one orthogonalised
 against the basis (the neglected ``beta`` is added to every residual estimate), and the Krylov
 sequence started by it must itself converge its top Ritz value before the solver stops: an
 independent second start, so that the answer never rests on one start vector that happened to
@@ -57,8 +59,9 @@ Verifier = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, bool]]
 #: Work vectors of length ``n`` that the solver holds besides its basis (the new direction,
 #: its product, a restart chunk and the ``k`` Ritz vectors are counted on top).
 WORK_VECTORS = 4
-#: A relative ``beta`` below this is a breakdown (Note [breakdown]).
-BREAKDOWN = 1e-10
+#: A ``beta`` below this fraction of ``||A v||`` is a breakdown (Note [breakdown]): rounding noise
+#: of the reorthogonalisation (about ``sqrt(m) eps``), not a direction of the operator.
+BREAKDOWN = 1e-13
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -195,13 +198,14 @@ def _thick_restart(
         steps += 1
         if on_step is not None:
             on_step(1)
-        scale = max(scale, float(w.norm()))
+        wnorm = float(w.norm())
+        scale = max(scale, wnorm)
         w, coef = _orthogonalise(w, basis[:size])
         h[:size, done] = coef
         h[done, :size] = coef
         done += 1
         beta = float(w.norm())
-        broke = beta <= BREAKDOWN * scale
+        broke = beta <= BREAKDOWN * wnorm
         exhausted = size == n
         full = size == cap
         # At a first breakdown the basis is invariant and its Ritz values are exact, but a start
@@ -305,6 +309,9 @@ def lanczos_largest(
     max_basis: Optional[int] = None,
 ) -> Eigenpairs:
     """The ``k`` largest eigenpairs of a symmetric operator ``apply`` on ``R^n`` (float64).
+
+    Like every Krylov method it finds one copy of a multiple eigenvalue (a second copy only by
+    rounding or a restart): with ``k > 1`` the values are the ``k`` largest *distinct* ones.
 
     Thick-restart Lanczos with full reorthogonalisation (Note [thick-restart Lanczos]); the
     basis holds at most :func:`lanczos_capacity` ``(n, max_bytes, k, reserved_bytes)`` vectors.

@@ -547,11 +547,18 @@ class _BandedCholesky:
         reach = int((nz[:, 0] - nz[:, 1]).abs().max()) if len(nz) else 0
         self.q = q = min(-(-reach // rows), len(starts) - 1) if reach else 0
 
+        zf = z1.permute(2, 3, 0, 1)  # (R1, R1, k1, k1)
+        hf = h.reshape(k1 * k1, -1)  # (k1^2, (R2 c)^2)
+        del h
+        bw = r2 * cc
+
         def block(bi: int, bj: int) -> torch.Tensor:
             si = slice(starts[bi], starts[bi] + rows)
             sj = slice(starts[bj], starts[bj] + rows)
-            d = torch.einsum("pqxy,pqJK->xJyK", z1[:, :, si, sj], h)
-            return d.reshape(self.sizes[bi], self.sizes[bj])
+            zz = zf[si, sj]  # (rows_i, rows_j, k1, k1)
+            ri, rj = zz.shape[:2]
+            d = (zz.reshape(ri * rj, k1 * k1) @ hf).reshape(ri, rj, bw, bw)
+            return d.permute(0, 2, 1, 3).reshape(self.sizes[bi], self.sizes[bj])
 
         # self.L[i][j - i + q] = L_ij for i - q <= j <= i (left-looking block Cholesky).
         self.L: List[List[Optional[torch.Tensor]]] = []
@@ -561,15 +568,18 @@ class _BandedCholesky:
             row: List[Optional[torch.Tensor]] = [None] * (q + 1)
             for bj in range(lo, bi):
                 a = block(bi, bj)
-                for bl in range(lo, bj):  # L_il L_jl^T over the overlap of both bands
-                    a -= row[bl - bi + q] @ self.L[bj][bl - bj + q].T
-                ljj = self.L[bj][q]
-                row[bj - bi + q] = torch.linalg.solve_triangular(ljj, a.T, upper=False).T
+                if bj > lo:  # a -= sum_l L_il L_jl^T over the overlap of both bands, one GEMM
+                    li = torch.cat(row[lo - bi + q : bj - bi + q], dim=1)
+                    lj = torch.cat(self.L[bj][lo - bj + q : q], dim=1)
+                    a.addmm_(li, lj.T, alpha=-1)
+                # L_ij = a L_jj^{-T}: solve X L_jj^T = a from the right.
+                row[bj - bi + q] = torch.linalg.solve_triangular(
+                    self.L[bj][q].T, a, upper=True, left=False)
             d = block(bi, bi)
             d.diagonal().add_(shift)
-            for bl in range(lo, bi):
-                lil = row[bl - bi + q]
-                d -= lil @ lil.T
+            if bi > lo:
+                li = torch.cat(row[lo - bi + q : q], dim=1)
+                d.addmm_(li, li.T, alpha=-1)
             l, info = torch.linalg.cholesky_ex(d)
             if int(info) != 0:
                 self.ok = False

@@ -141,8 +141,10 @@ def _random_orthogonal(n: int, basis: torch.Tensor, generator: torch.Generator) 
             return v / nv
 
 
-def _residual_verifier(apply: Operator, tol: float, atol: float, counter: List[int]) -> Verifier:
-    """The default check: ``rho = y^T A y``, ``||A y - rho y|| <= max(tol |rho|, atol)``."""
+def _residual_verifier(apply: Operator, tol: float, atol: float, counter: List[int],
+                       k: int) -> Verifier:
+    """The default check: ``rho = y^T A y``, ``||A y - rho y|| <= max(tol |rho|, atol)`` for the
+    first ``k`` vectors (the others are the ``extra`` ones)."""
 
     def verify(y: torch.Tensor):
         values, residuals = [], []
@@ -154,7 +156,7 @@ def _residual_verifier(apply: Operator, tol: float, atol: float, counter: List[i
             residuals.append(float((av - rho * v).norm()))
         values_t = torch.tensor(values, dtype=torch.float64)
         residuals_t = torch.tensor(residuals, dtype=torch.float64)
-        ok = bool((residuals_t <= torch.clamp(tol * values_t.abs(), min=atol)).all())
+        ok = bool((residuals_t <= torch.clamp(tol * values_t.abs(), min=atol))[:k].all())
         return values_t, residuals_t, ok
 
     return verify
@@ -171,11 +173,14 @@ def _thick_restart(
     generator: torch.Generator,
     v0: Optional[torch.Tensor],
     on_step: Optional[Callable[[int], None]],
+    extra: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int, int, int]:
-    """Largest ``k`` eigenpairs of ``op`` (Note [thick-restart Lanczos], Note [breakdown])."""
-    cap = max(min(capacity, n), min(n, k + 2))
+    """Largest ``k`` eigenpairs of ``op`` (Note [thick-restart Lanczos], Note [breakdown]),
+    plus ``extra`` further Ritz pairs that are returned but need not converge."""
     k = min(k, n)
-    keep_max = max(k, min(cap - 2, max(k + 1, cap // 2)))
+    extra = max(0, min(extra, n - k))
+    cap = max(min(capacity, n), min(n, k + extra + 2))
+    keep_max = max(k + extra, min(cap - 2, max(k + extra + 1, cap // 2)))
     basis = torch.empty(cap, n, dtype=torch.float64)
     h = torch.zeros(cap, cap, dtype=torch.float64)
     if v0 is None:
@@ -234,7 +239,7 @@ def _thick_restart(
                 else:
                     ready = False
             if ready or steps >= max_steps:
-                y = s[:, :k].T @ basis[:done]  # (k, n)
+                y = s[:, : min(k + extra, done)].T @ basis[:done]  # (k + extra, n)
                 y = y / y.norm(dim=1, keepdim=True)
                 values, residuals, ok = verify(y)
                 if ok or steps >= max_steps or exhausted:
@@ -307,6 +312,7 @@ def lanczos_largest(
     verify: Optional[Verifier] = None,
     on_step: Optional[Callable[[int], None]] = None,
     max_basis: Optional[int] = None,
+    extra: int = 0,
 ) -> Eigenpairs:
     """The ``k`` largest eigenpairs of a symmetric operator ``apply`` on ``R^n`` (float64).
 
@@ -320,7 +326,9 @@ def lanczos_largest(
     ``max_steps`` applications, or when the residuals stop falling (rounding floor); then
     ``converged`` is ``False``. ``verify`` may be any check of the caller's (e.g. on another
     operator with the same eigenvectors); it is called only when Lanczos' own estimate says
-    the pairs converged, so it costs little.
+    the pairs converged, so it costs little. ``extra`` further Ritz pairs (the next largest)
+    are returned and verified too but need not converge (e.g. a gap estimate for Temple's
+    bound); ``verify`` decides what to require of them.
 
     >>> a = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> r = lanczos_largest(lambda v: a @ v, 100, k=2, generator=torch.Generator().manual_seed(0))
@@ -328,12 +336,12 @@ def lanczos_largest(
     ([100.0, 99.0], True)
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    capacity = min(lanczos_capacity(n, max_bytes, k, reserved_bytes), max_steps + 1,
+    capacity = min(lanczos_capacity(n, max_bytes, k + extra, reserved_bytes), max_steps + 1,
                    max_basis if max_basis is not None else n)
     counter = [0]
-    check = verify if verify is not None else _residual_verifier(apply, tol, atol, counter)
+    check = verify if verify is not None else _residual_verifier(apply, tol, atol, counter, k)
     values, vectors, residuals, ok, steps, restarts, breakdowns = _thick_restart(
-        apply, n, k, tol, check, capacity, max_steps, generator, v0, on_step,
+        apply, n, k, tol, check, capacity, max_steps, generator, v0, on_step, extra,
     )
     return Eigenpairs(values, vectors, residuals, ok, steps, restarts, breakdowns)
 
@@ -355,6 +363,7 @@ def lanczos_smallest(
     verify: Optional[Verifier] = None,
     on_step: Optional[Callable[[int], None]] = None,
     max_basis: Optional[int] = None,
+    extra: int = 0,
 ) -> Eigenpairs:
     """The ``k`` smallest eigenpairs of ``apply`` by shift-and-invert Lanczos.
 
@@ -363,7 +372,7 @@ def lanczos_smallest(
     ``1 / (lambda - shift)`` are the wanted ones, well separated even when the smallest
     ``lambda`` cluster) and every returned pair is verified on ``apply`` itself, as in
     :func:`lanczos_largest` (``steps`` counts solves; ``verify`` applies ``apply`` once per
-    pair). Values ascending.
+    pair). Pairs smallest first (the largest ``1 / (lambda - shift)`` first).
 
     >>> a = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> r = lanczos_smallest(lambda v: a @ v, lambda v: v / torch.diagonal(a), 100)
@@ -371,16 +380,14 @@ def lanczos_smallest(
     (1.0, True)
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    capacity = min(lanczos_capacity(n, max_bytes, k, reserved_bytes), max_steps + 1,
+    capacity = min(lanczos_capacity(n, max_bytes, k + extra, reserved_bytes), max_steps + 1,
                    max_basis if max_basis is not None else n)
     counter = [0]
-    check = verify if verify is not None else _residual_verifier(apply, tol, atol, counter)
+    check = verify if verify is not None else _residual_verifier(apply, tol, atol, counter, k)
     values, vectors, residuals, ok, steps, restarts, breakdowns = _thick_restart(
-        solve, n, k, tol, check, capacity, max_steps, generator, v0, on_step,
+        solve, n, k, tol, check, capacity, max_steps, generator, v0, on_step, extra,
     )
-    order = torch.argsort(values)
-    return Eigenpairs(values[order], vectors[order], residuals[order], ok, steps, restarts,
-                      breakdowns)
+    return Eigenpairs(values, vectors, residuals, ok, steps, restarts, breakdowns)
 
 
 def gram_iteration_bound(t: torch.Tensor, n_iter: int) -> torch.Tensor:

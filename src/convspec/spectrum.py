@@ -503,7 +503,8 @@ def _banded_cost(r1: int, r2c: int, reach: int, rows: int, kernel: int) -> Tuple
     nblocks = -(-r1 // rows)
     flops = nblocks * (q * q + 2 * q + 1 / 3) * b**3
     # The factor's blocks, a few working blocks, and H (k1^2 blocks of (R2 c)^2).
-    memory = 8 * (nblocks * (q + 1) * b * b + 4 * b * b + kernel**2 * r2c**2)
+    # (plus the q + 1 block rows a certificate factorisation holds next to the factor).
+    memory = 8 * (nblocks * (q + 1) * b * b + (q + 5) * b * b + kernel**2 * r2c**2)
     return flops, memory
 
 
@@ -524,15 +525,27 @@ def _plan_banded(w: torch.Tensor, geom1: ConvGeometry) -> Tuple[bool, int, int]:
 
 
 class _BandedCholesky:
-    """Cholesky factor of ``Gram + shift I``, block banded as in Note [banded Gram].
+    """Cholesky factor of ``Gram + shift I (+ gamma u u^T)``, block banded (Note [banded Gram]).
 
-    ``ok`` is ``False`` if a pivot block was not positive definite: then ``Gram + shift I`` is
-    not (to rounding), i.e. ``lambda_min(Gram) < -shift``; with ``shift = -tau`` a successful
-    factorisation proves ``lambda_min(Gram) > tau`` (Note [iterative error bounds]).
+    ``ok`` is ``False`` if a pivot block was not positive definite: then the matrix is not (to
+    rounding). With ``shift = -tau`` a successful factorisation proves ``lambda_min(Gram) > tau``;
+    with ``rank_one=(gamma, u)`` it proves that ``Gram - tau I`` is positive definite on the
+    complement of ``u``, i.e. ``lambda_2(Gram) >= tau`` (Courant-Fischer), which Temple's bound
+    needs (Note [iterative error bounds]).
+
+    Note [banded plus rank one]: the factor of ``A + gamma u u^T`` (``A`` block banded, band
+    ``q``) is ``L_ij = u_i g_j^T`` below the band, with ``g = L^{-1} (gamma u)`` computed block by
+    block: ``g_j = L_jj^{-1} ((gamma - C_{j-q}) u_j - sum_{band l} L_jl g_l)``,
+    ``C_m = sum_{l<m} |g_l|^2``. In the band, ``L_ij = (A_ij + u_i (gamma u_j - T_ij)^T -
+    sum_{l=i-q}^{j-1} L_il L_jl^T) L_jj^{-T}`` with ``T_ij = C_{j-q} u_j + sum_{l=j-q}^{i-q-1}
+    L_jl g_l``, and the pivot is ``A_ii + (gamma - C_{i-q}) u_i u_i^T - sum_band L_il L_il^T``:
+    the same band work plus vector operations. With ``rank_one`` or ``keep=False`` only ``ok``
+    is kept (and only ``q + 1`` block rows are held at a time); ``solve`` needs the factor.
     """
 
     def __init__(self, w: torch.Tensor, axes, tall: bool, rows: int, shift: float,
-                 on_block: Optional[Callable[[int], None]] = None):
+                 on_block: Optional[Callable[[int], None]] = None,
+                 rank_one: Optional[Tuple[float, torch.Tensor]] = None, keep: bool = True):
         (z1, z2), c = _gram_parts(w, axes, tall)
         k1, k2, cc, _ = c.shape
         r1, r2 = z1.shape[-1], z2.shape[-1]
@@ -546,7 +559,7 @@ class _BandedCholesky:
         nz = torch.nonzero(z1.abs().sum((0, 1)))
         reach = int((nz[:, 0] - nz[:, 1]).abs().max()) if len(nz) else 0
         self.q = q = min(-(-reach // rows), len(starts) - 1) if reach else 0
-
+        keep = keep and rank_one is None  # a certificate needs only `ok`: q + 1 rows at a time
         zf = z1.permute(2, 3, 0, 1)  # (R1, R1, k1, k1)
         hf = h.reshape(k1 * k1, -1)  # (k1^2, (R2 c)^2)
         del h
@@ -560,6 +573,15 @@ class _BandedCholesky:
             d = (zz.reshape(ri * rj, k1 * k1) @ hf).reshape(ri, rj, bw, bw)
             return d.permute(0, 2, 1, 3).reshape(self.sizes[bi], self.sizes[bj])
 
+        if rank_one is not None:
+            gamma = float(rank_one[0])
+            u = list(torch.split(rank_one[1].reshape(-1).to(torch.float64), self.sizes))
+            g: List[torch.Tensor] = []
+            csum = [0.0]  # csum[m] = C_m = sum_{l < m} |g_l|^2
+
+            def cg(m: int) -> float:
+                return csum[m] if m > 0 else 0.0
+
         # self.L[i][j - i + q] = L_ij for i - q <= j <= i (left-looking block Cholesky).
         self.L: List[List[Optional[torch.Tensor]]] = []
         self.ok = True
@@ -568,6 +590,11 @@ class _BandedCholesky:
             row: List[Optional[torch.Tensor]] = [None] * (q + 1)
             for bj in range(lo, bi):
                 a = block(bi, bj)
+                if rank_one is not None:  # Note [banded plus rank one]
+                    t = cg(bj - q) * u[bj]
+                    for bl in range(max(bj - q, 0), bi - q):
+                        t = t + self.L[bj][bl - bj + q] @ g[bl]
+                    a.addr_(u[bi], gamma * u[bj] - t)
                 if bj > lo:  # a -= sum_l L_il L_jl^T over the overlap of both bands, one GEMM
                     li = torch.cat(row[lo - bi + q : bj - bi + q], dim=1)
                     lj = torch.cat(self.L[bj][lo - bj + q : q], dim=1)
@@ -577,6 +604,8 @@ class _BandedCholesky:
                     self.L[bj][q].T, a, upper=True, left=False)
             d = block(bi, bi)
             d.diagonal().add_(shift)
+            if rank_one is not None:
+                d.addr_(u[bi], u[bi], alpha=gamma - cg(bi - q))
             if bi > lo:
                 li = torch.cat(row[lo - bi + q : q], dim=1)
                 d.addmm_(li, li.T, alpha=-1)
@@ -587,8 +616,19 @@ class _BandedCholesky:
                 return
             row[q] = l
             self.L.append(row)
+            if rank_one is not None:
+                rhs = (gamma - cg(bi - q)) * u[bi]
+                for bl in range(lo, bi):
+                    rhs = rhs - row[bl - bi + q] @ g[bl]
+                gi = torch.linalg.solve_triangular(l, rhs[:, None], upper=False)[:, 0]
+                g.append(gi)
+                csum.append(csum[-1] + float(gi @ gi))
+            if not keep and bi >= q:
+                self.L[bi - q] = []  # no later row reads it: only the last q + 1 rows stay
             if on_block is not None:
                 on_block(1)
+        if not keep:
+            self.L = []
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         q = self.q
@@ -756,8 +796,8 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
 
     Note [iterative error bounds]. Per group: shift-and-invert Lanczos with the block-banded
     factor of ``Gram + shift I`` when it fits in ``max_bytes`` next to the Lanczos basis, then a
-    certificate factorisation of ``Gram - tau I``; otherwise (with a warning) Lanczos on
-    ``sigma_max^2 I - Gram``, slow for clustered small singular values and not certified.
+    certificate factorisation; otherwise (with a warning) Lanczos on ``sigma_max^2 I - Gram``,
+    slow for clustered small singular values and not certified.
     """
     lam_max = smax_upper**2
     if lam_max == 0:
@@ -806,17 +846,24 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
         bracket = _Bracket(first, second)
         found = {}
 
-        def verify(y, bracket=bracket, found=found):
+        def verify(y, bracket=bracket, found=found, temple=True):
             s, rho, r = bracket(y[0])
-            lower = max(0.0, rho - r - 2 * e)  # the lower end once certified
-            found.update(s=s, rho=rho, r=r)
-            ok = s - math.sqrt(lower) <= max(tol * s, floor)
-            return (torch.tensor([rho], dtype=torch.float64),
-                    torch.tensor([r], dtype=torch.float64), ok)
+            found.update(s=s, rho=rho, r=r, v=y[0], beta=None)
+            lower = rho - r - 2 * e  # Weyl, once certified
+            if len(y) > 1 and temple:  # Temple, once lambda_2 >= beta is certified
+                _, rho2, r2 = bracket(y[1])
+                # Some eigenvalue lies above rho2 - r2: if it is lambda_2, beta is halfway.
+                beta = (rho + rho2 - r2) / 2
+                if beta - e > rho:
+                    found["beta"] = beta
+                    lower = max(lower, _temple(rho, r, e, beta))
+            ok = s - math.sqrt(max(lower, 0.0)) <= max(tol * s, floor)
+            values = torch.tensor([rho], dtype=torch.float64)
+            return values, torch.tensor([r], dtype=torch.float64), ok
 
         dim = wgi.shape[1 if tall else 0] * sizes[0] * sizes[1]
         try:
-            lanczos_capacity(dim, max_bytes, 1, need + workspace)
+            lanczos_capacity(dim, max_bytes, 2, need + workspace)
             fits = True
         except ValueError:
             fits = False
@@ -836,14 +883,33 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
                 work.update(1)
                 return chol.solve(v)
 
+            steps = max(50, max_products // 4)
             lanczos_smallest(
-                gram, solve, dim, shift=-shift, tol=tol, max_steps=max(50, max_products // 4),
-                max_bytes=max_bytes, reserved_bytes=need + workspace, generator=generator,
-                verify=verify, max_basis=64,
+                gram, solve, dim, shift=-shift, tol=tol, max_steps=steps, max_bytes=max_bytes,
+                reserved_bytes=need + workspace, generator=generator, verify=verify,
+                max_basis=64, extra=1,
             )
+
+            def good(lo: float) -> bool:
+                return found["s"] - math.sqrt(max(lo, 0.0)) <= max(tol * found["s"], floor)
+
+            lower = 0.0
+            if not good(found["rho"] - found["r"] - 2 * e):  # the residual alone is not enough
+                lower = _certify_temple(wt, axes, tall, rows, found, e, lam_max, counts, work)
+            if not good(lower):
+                if not good(found["rho"] - found["r"] - 2 * e):
+                    # Temple did not certify (lambda_1 repeated, or a cluster): iterate on until
+                    # the residual alone (Weyl) is within tol or at its rounding floor.
+                    lanczos_smallest(
+                        gram, solve, dim, shift=-shift, tol=tol / 10, max_steps=steps,
+                        max_bytes=max_bytes, reserved_bytes=need + workspace,
+                        generator=generator, v0=found["v"], max_basis=64,
+                        verify=lambda y: verify(y[:1], temple=False),
+                    )
+                lower = max(lower, _certify_weyl(wt, axes, tall, rows, found, e, lower, counts,
+                                                 work))
             del chol, solve
-            s, rho, r = found["s"], found["rho"], found["r"]
-            lower = _certify(wt, axes, tall, rows, rho - r - e, e, counts, work)
+            s = found["s"]
         else:
             if not warned:
                 warned = True
@@ -862,13 +928,63 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
             lanczos_largest(
                 flipped, dim, tol=tol * 1e-3, max_steps=max(1, max_products // 2),
                 max_bytes=max_bytes, reserved_bytes=workspace, generator=generator,
-                verify=verify, max_basis=300,
+                verify=verify, max_basis=300, extra=1,
             )
-            s, rho, r = found["s"], found["rho"], found["r"]
-            lower = max(0.0, rho - r - e)
+            s = found["s"]
+            # Uncertified: assumes the eigenvalue near rho is the smallest (and, for Temple,
+            # that the second Ritz value bounds lambda_2 from above... so Weyl only).
+            lower = max(0.0, found["rho"] - found["r"] - e)
         best_s, best_lower = min(best_s, s), min(best_lower, lower)
     err = best_s - math.sqrt(max(best_lower, 0.0))
     return best_s, err, err <= max(tol * best_s, floor)
+
+
+def _temple(rho: float, r: float, e: float, beta: float) -> float:
+    """Temple's lower bound on ``lambda_1`` given ``lambda_2 >= beta - e > rho``.
+
+    ``r + 2 e`` bounds the true residual (the product's rounding, and that of ``rho = s^2``).
+    """
+    return rho - (r + 2 * e) ** 2 / (beta - e - rho)
+
+
+def _certify_temple(wt, axes, tall, rows, found, e, lam_max, counts, work) -> float:
+    """Temple's certified lower bound on ``lambda_1(Gram)``, or 0 (Note [iterative error bounds]).
+
+    If ``Gram - beta I`` is positive definite on the complement of the Ritz vector ``v`` (a
+    banded-plus-rank-one Cholesky of ``Gram - beta I + (lambda_max + beta) v v^T``), then
+    ``lambda_2 >= beta - e`` and ``lambda_1 >= rho - (r + 2e)^2 / (beta - e - rho)``: the
+    residual enters squared. ``beta`` is halfway to the second Ritz value (less its residual);
+    if ``lambda_1`` is repeated (or ``beta`` too high) the factorisation fails and this is 0.
+    """
+    rho, r, v, beta = found["rho"], found["r"], found["v"], found["beta"]
+    if beta is None:
+        return 0.0
+    if beta - e <= rho:
+        return 0.0
+    chol = _BandedCholesky(wt, axes, tall, rows, -beta, on_block=work.update,
+                           rank_one=(lam_max + beta, v))
+    counts["factorizations"] += 1
+    return max(0.0, _temple(rho, r, e, beta)) if chol.ok else 0.0
+
+
+def _certify_weyl(wt, axes, tall, rows, found, e, lower, counts, work) -> float:
+    """Weyl's certified lower bound on ``lambda_1(Gram)``: if ``Gram - tau I`` factorises,
+    ``lambda_1 > tau - e``; ``tau = rho - r - e``, then ``tau / 4`` and ``tau / 64`` (an
+    eigenvalue that Lanczos missed lies below); else ``lower`` (0: the Gram is PSD)."""
+    tau = found["rho"] - found["r"] - e
+    for t in (tau, tau / 4, tau / 64):
+        if t <= e or t - e <= lower:
+            break
+        chol = _BandedCholesky(wt, axes, tall, rows, -t, on_block=work.update, keep=False)
+        counts["factorizations"] += 1
+        if chol.ok:
+            return t - e
+        warnings.warn(
+            f"the certificate found an eigenvalue of the Gram operator below {t:.6g}, under the "
+            "Lanczos value: the error bound of sigma_min is widened to match",
+            stacklevel=5,
+        )
+    return lower
 
 
 def _structurally_singular(w: torch.Tensor, geom1: ConvGeometry, tall: bool) -> bool:
@@ -887,24 +1003,6 @@ def _structurally_singular(w: torch.Tensor, geom1: ConvGeometry, tall: bool) -> 
     slices = (w != 0).any(dim=0 if tall else 1).to(torch.float64)  # (c, k1, k2)
     used = torch.einsum("px,qz,apq->axz", reads1, reads2, slices)
     return bool((used == 0).any())
-
-
-def _certify(wt, axes, tall, rows, tau, e, counts, work) -> float:
-    """A certified lower bound on ``lambda_min(Gram)``: ``tau' - e`` for the largest ``tau'`` of
-    ``tau, tau / 4, tau / 64`` at which ``Gram - tau' I`` factorises, else 0 (the Gram is PSD)."""
-    for t in (tau, tau / 4, tau / 64):
-        if t <= e:
-            break
-        chol = _BandedCholesky(wt, axes, tall, rows, -t, on_block=work.update)
-        counts["factorizations"] += 1
-        if chol.ok:
-            return t - e
-        warnings.warn(
-            f"the certificate found an eigenvalue of the Gram operator below {t:.6g}, under the "
-            "Lanczos value: the error bound of sigma_min is widened to match",
-            stacklevel=5,
-        )
-    return 0.0
 
 
 # --------------------------------------------------------------------------------------------

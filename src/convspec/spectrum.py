@@ -49,8 +49,9 @@ METHODS = ("auto", "dense", "fft", "iterative")
 AUTO_DENSE_MAX_N = 1024
 
 _EPS = torch.finfo(torch.float64).eps
-#: An iterative ``sigma_min`` within this many ``eps * sigma_max`` of 0 is 0 to float64
-#: rounding (the dense SVD is no more accurate there); see Note [iterative error bounds].
+#: An iterative ``sigma_min`` within this many ``eps * sigma_max`` (plus the rounding bound of one
+#: product) of 0 is 0 to float64 rounding (the dense SVD is no more accurate there); see
+#: Note [iterative error bounds].
 ROUNDING_FLOOR = 64
 #: Warn when a route without a visible progress bar is estimated to take longer (seconds).
 LONG_SECONDS = 600.0
@@ -64,19 +65,19 @@ class ConvSpectrum:
     singular values of ``M`` (``sigma_min`` is ``None`` for ``which='max'``); ``values`` holds all
     of them in descending order for ``which='all'`` (else ``None``).
 
-    ``sigma_max_error`` / ``sigma_min_error`` are absolute error bounds: the true value lies in
-    ``[sigma_max, sigma_max + sigma_max_error]`` and ``[sigma_min - sigma_min_error, sigma_min]``
-    (the iterative values are Rayleigh quotients: never above ``sigma_max``, never below
-    ``sigma_min``). ``0.0`` for the dense and FFT routes means "float64 rounding only": a
-    backward-stable SVD, accurate to a small multiple of ``eps * sigma_max`` (2.2e-16 relative
-    to ``sigma_max``, so only ``sigma_min >> eps * sigma_max`` is accurate relative to itself).
-    For ``'iterative'`` they come from residuals computed with fresh products (Note [iterative
-    error bounds] in ``spectrum.py``: a float64 rounding allowance of ``eps sigma_max^2`` per Gram
-    product is included; ``sigma_min`` is certified by a Cholesky factorisation). ``converged``
-    is ``True`` when ``sigma_max_error <= tol * sigma_max`` and ``sigma_min_error <= tol *
-    sigma_min`` (or ``sigma_min_error <= 64 eps sigma_max``: a ``sigma_min`` that is 0 to float64
-    rounding, as the dense SVD also reports it); ``exact`` is ``True`` for the dense and FFT routes
-    and equals ``converged`` for ``'iterative'``.
+    ``sigma_max_error`` / ``sigma_min_error`` are absolute error bounds: the true value lies
+    within them of the returned one. ``0.0`` for the dense and FFT routes means "float64
+    rounding only": a backward-stable SVD, accurate to a small multiple of ``eps * sigma_max``
+    (``eps`` = 2.2e-16), so a ``sigma_min`` is accurate relative to itself only when it is well
+    above that. For ``'iterative'`` they are computed (Note [iterative error bounds] in
+    ``spectrum.py``) from residuals recomputed with fresh products, a certificate factorisation
+    for ``sigma_min`` (Temple's bound, or Weyl's), a bound on the float64 rounding of ``||M v||``,
+    and an allowance of ``eps sigma_max^2`` for the rounding of each Gram product (a model: the
+    measured rounding is about 0.15 of it). ``converged`` is ``True`` when ``sigma_max_error <=
+    tol * sigma_max`` and ``sigma_min_error <= tol * sigma_min``, or ``sigma_min`` is 0 to
+    float64 rounding (``sigma_min_error`` at most ``64 eps sigma_max`` plus the rounding bound of
+    one product); ``exact`` is ``True`` for the dense and FFT routes and equals ``converged`` for
+    ``'iterative'``.
 
     ``n_products`` counts applications of ``M`` or ``M^T`` (``F.conv2d`` or its transpose; a Gram
     product counts 2), ``n_solves`` the solves with the factorised Gram operator of
@@ -655,30 +656,40 @@ class _BandedCholesky:
 # Note [iterative error bounds]: both extremes come from a unit Ritz vector v of the smaller
 # Gram operator (M^T M if M is tall, else M M^T; write M for whichever of M, M^T is applied
 # first) and three numbers computed with fresh products: s = ||M v||, rho = s^2 and
-# r = ||M^T M v - rho v||. In exact arithmetic some eigenvalue of the Gram lies within r of rho;
-# each computed Gram product carries a rounding error of about eps sigma_max^2 (measured
-# 0.15 eps sigma_max^2 on random kernels), so every bound below adds e = eps sigma_max^2 per
-# product.
+# r = ||M^T M v - rho v||. The returned value is s. Rounding enters twice:
+#   * ||fl(M v) - M v|| <= ds = gamma_L || |M| ||_2 (each entry a sum of L products; read off
+#     the kernel, _product_rounding): rigorous, so the true Rayleigh quotient is within
+#     drho = 2 s ds + ds^2 of rho, and s within ds of ||M v||;
+#   * each Gram product carries rounding of about eps sigma_max^2 (measured 0.15 eps
+#     sigma_max^2 on random kernels; the worst case is larger by up to the number of terms):
+#     every bound adds e = eps sigma_max^2 per product, and a Cholesky factorisation that
+#     succeeds proves positive definiteness up to the same e (in tests it fails within 0.5 e).
 #
-# * sigma_max: s <= sigma_max always (a Rayleigh quotient); if the eigenvalue near rho is the
-#   largest, sigma_max <= sqrt(rho + r + e). sigma_max_error = sqrt(rho + r + e) - s. That it is
-#   the largest rests on Lanczos from a random start (and a second random start after any
-#   breakdown, linalg.py's Note [breakdown]); conv_spectral_norm_bound is a certified upper
-#   bound when one is needed.
-# * sigma_min: s >= sigma_min always (min over unit vectors; the Gram is the smaller one, so all
-#   its eigenvalues are squared singular values of M). For the lower end a second Cholesky
-#   factorisation of Gram - tau I with tau = rho - r - e is attempted: if it succeeds,
-#   lambda_min(Gram) > tau up to its own rounding (another e: it fails within 0.5 e of
-#   lambda_min in tests), so sigma_min >= sqrt(rho - r - 2e): certified, whatever Lanczos did.
-#   If it fails an eigenvalue lies below tau (one that Lanczos missed): the certificate is
-#   retried lower, down to 0 (the Gram is PSD). sigma_min_error = s - sqrt(lower end).
+# * sigma_max: in exact arithmetic s <= sigma_max (a Rayleigh quotient) and some eigenvalue lies
+#   within r of rho; if it is the largest, sigma_max <= sqrt(rho + r + e + 2 drho).
+#   sigma_max_error = max(that - s, ds). That it is the largest rests on Lanczos from a random
+#   start (and a second random start after any breakdown, linalg.py's Note [breakdown]);
+#   conv_spectral_norm_bound is a certified upper bound when one is needed.
+# * sigma_min: sigma_min <= ||M v|| <= s + ds (min over unit vectors; the Gram is the smaller one,
+#   so all its eigenvalues are squared singular values of M). The lower end is certified by a
+#   second factorisation, whatever Lanczos did:
+#   - Temple: if Gram - beta I + gamma v v^T factorises (Note [banded plus rank one]), the Gram is
+#     positive definite above beta on the complement of v, so lambda_2 >= beta - e (Courant-
+#     Fischer), and Temple's inequality gives lambda_1 >= rho - drho - (r + e + drho)^2 /
+#     (beta - e - rho - drho). The residual enters squared: with a gap, this certifies sigma_min
+#     far below sqrt(eps) sigma_max. beta is halfway to the second Ritz value.
+#   - Weyl, when Temple cannot (lambda_1 repeated: the Ritz value then sits on a cluster): if
+#     Gram - tau I factorises with tau = rho - r - e, lambda_1 > tau - e. If it does not, an
+#     eigenvalue that Lanczos missed lies below tau, and tau is lowered (tau / 4, tau / 64), down
+#     to 0 (the Gram is PSD).
+#   sigma_min_error = max(s - sqrt(certified lower end), ds).
 #
-# The relative accuracy tol on sigma_min is thus reachable only while r + 2e <= 2 tol rho, i.e.
-# sigma_min / sigma_max >= about sqrt(eps / tol) (1.5e-5 for tol = 1e-6): below that the Gram
-# squares the condition number beyond float64, `converged` is False and sigma_min_error is the
-# absolute accuracy (about eps sigma_max^2 / sigma_min, never more than sigma_min itself:
-# sigma_min is then known to lie in [0, s]). A sigma_min within ROUNDING_FLOOR eps sigma_max of
-# 0 is 0 to float64 rounding (as the dense SVD reports it) and counts as converged.
+# Through Weyl the relative accuracy tol on sigma_min is reachable only while r + 2e <= 2 tol rho,
+# i.e. sigma_min / sigma_max >= about sqrt(eps / tol) (1.5e-5 for tol = 1e-6); Temple goes further
+# when sigma_min is not repeated. Otherwise `converged` is False and sigma_min_error is the
+# absolute accuracy (never more than s itself: sigma_min is then known to lie in [0, s + ds]).
+# A sigma_min within ROUNDING_FLOOR eps sigma_max + ds of 0 is 0 to float64 rounding (as the
+# dense SVD reports it) and counts as converged.
 
 
 def _conv_workspace(geom: ConvGeometry) -> int:
@@ -750,10 +761,13 @@ def _iterative(
         bracket = _Bracket(first, second)
         found = {}
 
+        ds = _product_rounding(wgs, geom1, tall)
+
         def verify_max(y):
             s, rho, r = bracket(y[0])
-            upper = math.sqrt(rho + r + _EPS * rho)
-            err = upper - s
+            drho = 2 * s * ds + ds * ds
+            upper = math.sqrt(rho + r + _EPS * rho + 2 * drho)
+            err = max(upper - s, ds)
             found.update(s=s, err=err)
             return (torch.tensor([rho], dtype=torch.float64),
                     torch.tensor([r], dtype=torch.float64), err <= tol * s)
@@ -803,7 +817,8 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
     if lam_max == 0:
         return 0.0, 0.0, True  # a zero kernel: every singular value is 0
     e = _EPS * lam_max
-    floor = ROUNDING_FLOOR * _EPS * smax_upper
+    ds = _product_rounding(wgs, geom1, tall)
+    floor = ROUNDING_FLOOR * _EPS * smax_upper + ds
     swap, rows, need = _plan_banded(wgs[0], geom1)
     axes = geom1.axes[::-1] if swap else geom1.axes
     workspace = _conv_workspace(geom1)
@@ -848,16 +863,17 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
 
         def verify(y, bracket=bracket, found=found, temple=True):
             s, rho, r = bracket(y[0])
-            found.update(s=s, rho=rho, r=r, v=y[0], beta=None)
+            drho = 2 * s * ds + ds * ds
+            found.update(s=s, rho=rho, r=r, v=y[0], beta=None, drho=drho)
             lower = rho - r - 2 * e  # Weyl, once certified
             if len(y) > 1 and temple:  # Temple, once lambda_2 >= beta is certified
                 _, rho2, r2 = bracket(y[1])
                 # Some eigenvalue lies above rho2 - r2: if it is lambda_2, beta is halfway.
                 beta = (rho + rho2 - r2) / 2
-                if beta - e > rho:
+                if beta - e > rho + drho:
                     found["beta"] = beta
-                    lower = max(lower, _temple(rho, r, e, beta))
-            ok = s - math.sqrt(max(lower, 0.0)) <= max(tol * s, floor)
+                    lower = max(lower, _temple(rho, r, e, beta, drho))
+            ok = max(s - math.sqrt(max(lower, 0.0)), ds) <= max(tol * s, floor)
             values = torch.tensor([rho], dtype=torch.float64)
             return values, torch.tensor([r], dtype=torch.float64), ok
 
@@ -891,7 +907,8 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
             )
 
             def good(lo: float) -> bool:
-                return found["s"] - math.sqrt(max(lo, 0.0)) <= max(tol * found["s"], floor)
+                err = max(found["s"] - math.sqrt(max(lo, 0.0)), ds)
+                return err <= max(tol * found["s"], floor)
 
             lower = 0.0
             if not good(found["rho"] - found["r"] - 2 * e):  # the residual alone is not enough
@@ -935,16 +952,18 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
             # that the second Ritz value bounds lambda_2 from above... so Weyl only).
             lower = max(0.0, found["rho"] - found["r"] - e)
         best_s, best_lower = min(best_s, s), min(best_lower, lower)
-    err = best_s - math.sqrt(max(best_lower, 0.0))
+    err = max(best_s - math.sqrt(max(best_lower, 0.0)), ds)
     return best_s, err, err <= max(tol * best_s, floor)
 
 
-def _temple(rho: float, r: float, e: float, beta: float) -> float:
-    """Temple's lower bound on ``lambda_1`` given ``lambda_2 >= beta - e > rho``.
+def _temple(rho: float, r: float, e: float, beta: float, drho: float) -> float:
+    """Temple's lower bound on ``lambda_1`` given ``lambda_2 >= beta - e > rho + drho``.
 
-    ``r + 2 e`` bounds the true residual (the product's rounding, and that of ``rho = s^2``).
+    The true Rayleigh quotient is within ``drho`` of the computed ``rho = s^2`` and the true
+    residual at most ``r + e + drho`` (the Gram product's rounding): Temple's inequality
+    ``lambda_1 >= rho - r^2 / (lambda_2 - rho)`` with those worst cases.
     """
-    return rho - (r + 2 * e) ** 2 / (beta - e - rho)
+    return rho - drho - (r + e + drho) ** 2 / (beta - e - rho - drho)
 
 
 def _certify_temple(wt, axes, tall, rows, found, e, lam_max, counts, work) -> float:
@@ -956,15 +975,13 @@ def _certify_temple(wt, axes, tall, rows, found, e, lam_max, counts, work) -> fl
     residual enters squared. ``beta`` is halfway to the second Ritz value (less its residual);
     if ``lambda_1`` is repeated (or ``beta`` too high) the factorisation fails and this is 0.
     """
-    rho, r, v, beta = found["rho"], found["r"], found["v"], found["beta"]
-    if beta is None:
-        return 0.0
-    if beta - e <= rho:
+    rho, r, v, beta, drho = found["rho"], found["r"], found["v"], found["beta"], found["drho"]
+    if beta is None or beta - e <= rho + drho:
         return 0.0
     chol = _BandedCholesky(wt, axes, tall, rows, -beta, on_block=work.update,
                            rank_one=(lam_max + beta, v))
     counts["factorizations"] += 1
-    return max(0.0, _temple(rho, r, e, beta)) if chol.ok else 0.0
+    return max(0.0, _temple(rho, r, e, beta, drho)) if chol.ok else 0.0
 
 
 def _certify_weyl(wt, axes, tall, rows, found, e, lower, counts, work) -> float:
@@ -985,6 +1002,44 @@ def _certify_weyl(wt, axes, tall, rows, found, e, lower, counts, work) -> float:
             stacklevel=5,
         )
     return lower
+
+
+def _product_rounding(wgs: torch.Tensor, geom1: ConvGeometry, tall: bool) -> float:
+    """A bound on ``||fl(M v) - M v||`` for a unit ``v`` (``M^T`` if the Gram is on the output
+    side), for the grouped weight ``(G, h', g', k1, k2)``.
+
+    Each entry of ``M v`` is a sum of at most ``L`` products, computed in any order:
+    ``|fl(y) - y| <= gamma_L (|M| |v|)`` entrywise (``gamma_L = L u / (1 - L u)``, ``u = eps / 2``;
+    Higham, "Accuracy and Stability of Numerical Algorithms", Sec. 3.1), and
+    ``|| |M| ||_2 <= sqrt(|| |M| ||_1 || |M| ||_inf)``, both read off the kernel.
+    """
+    return _gamma(_product_terms(wgs, geom1)) * _product_scale(wgs, geom1, tall)
+
+
+def _tap_repeats(geom1: ConvGeometry) -> int:
+    """Most outputs that one tap reads one input position from (1 unless circular wrap)."""
+    out = 1
+    for ax in geom1.axes:
+        out *= int(_tap_matrices(ax).sum(axis=1).max())
+    return max(out, 1)
+
+
+def _product_terms(wgs: torch.Tensor, geom1: ConvGeometry) -> int:
+    _, hg, gg, k1, k2 = wgs.shape
+    return max(gg * k1 * k2, hg * k1 * k2 * _tap_repeats(geom1))
+
+
+def _product_scale(wgs: torch.Tensor, geom1: ConvGeometry, tall: bool) -> float:
+    """``sqrt(|| |M| ||_1 || |M| ||_inf)`` >= ``|| |M| ||_2`` >= ``sigma_max``, over the groups."""
+    a = wgs.abs()  # (G, h', g', k1, k2)
+    rows = float(a.sum((2, 3, 4)).max())  # an output row reads each (input channel, tap) once
+    cols = float(a.sum((1, 3, 4)).max()) * _tap_repeats(geom1)
+    return math.sqrt(rows * cols)
+
+
+def _gamma(terms: int) -> float:
+    u = _EPS / 2
+    return terms * u / (1 - terms * u)
 
 
 def _structurally_singular(w: torch.Tensor, geom1: ConvGeometry, tall: bool) -> bool:
@@ -1056,18 +1111,19 @@ def conv_singular_values(
       ``sigma_min``: shift-and-invert Lanczos on the smaller Gram operator, whose block-banded
       Cholesky factor is assembled from the kernel (``O(N1 r^2 N2^3 c^3)`` time,
       ``O(N1 r N2^2 c^2)`` memory, ``r = dilation (k - 1)``, ``c`` the channels of the Gram's
-      side), then certified by a factorisation of ``Gram - tau I`` just below the value found:
-      about 10 solves and 2 factorisations per group. If the factor does not fit in
-      ``max_bytes`` it falls back (with a warning) to Lanczos on ``sigma_max^2 I - Gram``, slow
-      (thousands of products) when the small singular values cluster, and not certified.
-      Each value is ``||M v||`` of a Ritz vector ``v`` (never above ``sigma_max``, never below
-      ``sigma_min``) with an absolute error bound from residuals recomputed with fresh products
-      (``sigma_max_error``, ``sigma_min_error``; see :class:`ConvSpectrum`). ``.converged`` (and
-      ``.exact``) is ``True`` only if both bounds are within relative ``tol`` (or ``sigma_min``
-      is 0 to float64 rounding); else a warning. Through the Gram operator the relative ``tol``
-      on ``sigma_min`` is reachable only while ``sigma_min / sigma_max >= sqrt(eps / tol)``
-      (about 1.5e-5 for ``tol = 1e-6``); below it ``sigma_min_error`` states the absolute
-      accuracy, about ``eps sigma_max^2 / sigma_min`` (use ``'dense'`` for small operators).
+      side), then certified by a second factorisation (of ``Gram - beta I + gamma v v^T`` for
+      Temple's bound, or of ``Gram - tau I``): about 10 solves and 2 factorisations per group.
+      If the factor does not fit in ``max_bytes`` it falls back (with a warning) to Lanczos on
+      ``sigma_max^2 I - Gram``, slow (thousands of products) when the small singular values
+      cluster, and not certified. Each value is ``||M v||`` of a Ritz vector ``v`` (a Rayleigh
+      quotient: below ``sigma_max``, above ``sigma_min``, up to rounding) with an absolute error
+      bound (``sigma_max_error``, ``sigma_min_error``; :class:`ConvSpectrum`) from residuals
+      recomputed with fresh products. ``.converged`` (and ``.exact``) is ``True`` only if both
+      bounds are within relative ``tol`` (or ``sigma_min`` is 0 to float64 rounding); else a
+      warning. When ``sigma_min`` is repeated, the relative ``tol`` on it is reachable only while
+      ``sigma_min / sigma_max >= sqrt(eps / tol)`` (about 1.5e-5 for ``tol = 1e-6``: the Gram
+      squares the condition number); otherwise ``sigma_min_error`` states the absolute accuracy,
+      about ``eps sigma_max^2 / sigma_min`` (``'dense'`` is more accurate for small operators).
     * ``'auto'``: ``'fft'`` when applicable, else ``'dense'`` when each group's operator has
       at most ``AUTO_DENSE_MAX_N`` (1024) rows and columns, else ``'iterative'``.
 

@@ -75,9 +75,9 @@ class ConvSpectrum:
     and an allowance of ``eps sigma_max^2`` for the rounding of each Gram product (a model: the
     measured rounding is about 0.15 of it). ``converged`` is ``True`` when ``sigma_max_error <=
     tol * sigma_max`` and ``sigma_min_error <= tol * sigma_min``, or ``sigma_min`` is 0 to
-    float64 rounding (``sigma_min_error`` at most ``64 eps sigma_max`` plus the rounding bound of
-    one product); ``exact`` is ``True`` for the dense and FFT routes and equals ``converged`` for
-    ``'iterative'``.
+    float64 rounding (``sigma_min + sigma_min_error`` at most ``64 eps sigma_max`` plus the
+    rounding bound of one product); ``exact`` is ``True`` for the dense and FFT routes and equals
+    ``converged`` for ``'iterative'``.
 
     ``n_products`` counts applications of ``M`` or ``M^T`` (``F.conv2d`` or its transpose; a Gram
     product counts 2), ``n_solves`` the solves with the factorised Gram operator of
@@ -488,12 +488,26 @@ def _gram_parts(w: torch.Tensor, axes, tall: bool):
     return z, c.to(torch.float64)
 
 
+def _tap_positions(ax: AxisGeometry) -> np.ndarray:
+    """``(k, P)`` input position read by output ``y`` through tap ``p`` (-1: zero padding).
+
+    ``O(k P)``, unlike the ``(k, P, N)`` tap matrices: usable at any ``N``.
+    """
+    x = ax.stride * np.arange(ax.out_size)[None, :] - ax.pad_lo \
+        + ax.dilation * np.arange(ax.kernel)[:, None]
+    if ax.circular:
+        return np.mod(x, ax.size)
+    return np.where((x >= 0) & (x < ax.size), x, -1)
+
+
 def _row_reach(ax: AxisGeometry, tall: bool) -> int:
-    """Largest ``|i - i'|`` with ``(E_p E_p'^T)[i, i'] != 0`` (Note [banded Gram])."""
-    a = _tap_matrices(ax)
-    e = a.transpose(0, 2, 1) if tall else a  # (k, R, R')
-    nz = np.nonzero(np.einsum("pir,qjr->ij", e, e))
-    return int(np.abs(nz[0] - nz[1]).max()) if len(nz[0]) else 0
+    """An upper bound on ``|i - i'|`` with ``(E_p E_p'^T)[i, i'] != 0`` (Note [banded Gram]):
+    ``d (k - 1)`` input rows (``d (k - 1) / s`` output rows); all rows if taps wrap around."""
+    n = ax.size if tall else ax.out_size
+    if ax.circular:
+        return n - 1
+    reach = ax.dilation * (ax.kernel - 1)
+    return min(n - 1, reach if tall else reach // ax.stride)
 
 
 def _banded_cost(r1: int, r2c: int, reach: int, rows: int, kernel: int) -> Tuple[float, int]:
@@ -688,8 +702,10 @@ class _BandedCholesky:
 # i.e. sigma_min / sigma_max >= about sqrt(eps / tol) (1.5e-5 for tol = 1e-6); Temple goes further
 # when sigma_min is not repeated. Otherwise `converged` is False and sigma_min_error is the
 # absolute accuracy (never more than s itself: sigma_min is then known to lie in [0, s + ds]).
-# A sigma_min within ROUNDING_FLOOR eps sigma_max + ds of 0 is 0 to float64 rounding (as the
-# dense SVD reports it) and counts as converged.
+# A sigma_min whose whole interval [0, s + sigma_min_error] lies below ROUNDING_FLOOR eps
+# sigma_max + ds is 0 to float64 rounding (as the dense SVD reports it) and counts as converged;
+# a small but nonzero sigma_min (say 1e-10 sigma_max) does not: relative accuracy there is out of
+# reach of float64 for every route, and the absolute bound is what is reported.
 
 
 def _conv_workspace(geom: ConvGeometry) -> int:
@@ -818,7 +834,7 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
         return 0.0, 0.0, True  # a zero kernel: every singular value is 0
     e = _EPS * lam_max
     ds = _product_rounding(wgs, geom1, tall)
-    floor = ROUNDING_FLOOR * _EPS * smax_upper + ds
+    floor = ROUNDING_FLOOR * _EPS * smax_upper + ds  # 0 to rounding: [0, s + err] below it
     swap, rows, need = _plan_banded(wgs[0], geom1)
     axes = geom1.axes[::-1] if swap else geom1.axes
     workspace = _conv_workspace(geom1)
@@ -873,7 +889,7 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
                 if beta - e > rho + drho:
                     found["beta"] = beta
                     lower = max(lower, _temple(rho, r, e, beta, drho))
-            ok = max(s - math.sqrt(max(lower, 0.0)), ds) <= max(tol * s, floor)
+            ok = _within(s, max(s - math.sqrt(max(lower, 0.0)), ds), tol, floor)
             values = torch.tensor([rho], dtype=torch.float64)
             return values, torch.tensor([r], dtype=torch.float64), ok
 
@@ -908,7 +924,7 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
 
             def good(lo: float) -> bool:
                 err = max(found["s"] - math.sqrt(max(lo, 0.0)), ds)
-                return err <= max(tol * found["s"], floor)
+                return _within(found["s"], err, tol, floor)
 
             lower = 0.0
             if not good(found["rho"] - found["r"] - 2 * e):  # the residual alone is not enough
@@ -953,7 +969,12 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
             lower = max(0.0, found["rho"] - found["r"] - e)
         best_s, best_lower = min(best_s, s), min(best_lower, lower)
     err = max(best_s - math.sqrt(max(best_lower, 0.0)), ds)
-    return best_s, err, err <= max(tol * best_s, floor)
+    return best_s, err, _within(best_s, err, tol, floor)
+
+
+def _within(s: float, err: float, tol: float, floor: float) -> bool:
+    """``s`` (with error bound ``err``) is within relative ``tol``, or 0 to float64 rounding."""
+    return err <= tol * s or s + err <= floor
 
 
 def _temple(rho: float, r: float, e: float, beta: float, drho: float) -> float:
@@ -1020,7 +1041,8 @@ def _tap_repeats(geom1: ConvGeometry) -> int:
     """Most outputs that one tap reads one input position from (1 unless circular wrap)."""
     out = 1
     for ax in geom1.axes:
-        out *= int(_tap_matrices(ax).sum(axis=1).max())
+        x = _tap_positions(ax)
+        out *= max([int(np.bincount(row[row >= 0]).max()) for row in x if (row >= 0).any()] or [1])
     return max(out, 1)
 
 
@@ -1043,20 +1065,28 @@ def _gamma(terms: int) -> float:
 
 
 def _structurally_singular(w: torch.Tensor, geom1: ConvGeometry, tall: bool) -> bool:
-    """True if the Gram side of ``M`` has an exactly zero column (tall) or row (wide) of ``M``.
+    """True if ``M`` (one group, ``w`` of shape ``(h', g', k1, k2)``) has an exactly zero column
+    (tall) or row (wide) on the Gram's side.
 
     A column of a tall ``M`` (input channel ``a`` at ``(x1, x2)``) is zero when no tap with a
     nonzero kernel slice ``K[:, a, p, q]`` reads that position, e.g. rows a stride skips; a row
     of a wide ``M`` when every tap of that output falls in the zero padding or has a zero slice.
     Then ``sigma_min = 0`` exactly (the Gram is singular), with no rounding to bound: an
-    iterative estimate of it is only ``eps sigma_max^2 / sigma_2`` accurate.
+    iterative estimate of it is only ``eps sigma_max^2 / sigma_2`` accurate. Positions are
+    grouped by which taps reach them (a few patterns per axis), so this is ``O(k N)``.
     """
-    a1, a2 = (_tap_matrices(ax) != 0 for ax in geom1.axes)  # (k, P, N)
-    axis = 1 if tall else 2
-    reads1 = torch.as_tensor(a1.any(axis=axis), dtype=torch.float64)  # (k1, N1) or (k1, P1)
-    reads2 = torch.as_tensor(a2.any(axis=axis), dtype=torch.float64)
+    patterns = []
+    for ax in geom1.axes:
+        x = _tap_positions(ax)  # (k, P)
+        if tall:  # reads[p, x]: tap p reads input x from some output
+            reads = np.zeros((ax.kernel, ax.size), dtype=bool)
+            for p in range(ax.kernel):
+                reads[p, x[p][x[p] >= 0]] = True
+        else:  # reads[p, y]: tap p of output y lands inside the input
+            reads = x >= 0
+        patterns.append(torch.as_tensor(np.unique(reads.T, axis=0), dtype=torch.float64))
     slices = (w != 0).any(dim=0 if tall else 1).to(torch.float64)  # (c, k1, k2)
-    used = torch.einsum("px,qz,apq->axz", reads1, reads2, slices)
+    used = torch.einsum("ip,jq,apq->aij", patterns[0], patterns[1], slices)
     return bool((used == 0).any())
 
 

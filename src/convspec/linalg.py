@@ -23,6 +23,12 @@ capacity the caller's memory budget allows.
 A Ritz pair ``(theta, V s)`` has residual ``||A V s - theta V s|| = beta |s_last|`` in exact
 arithmetic. That estimate only decides when to *try* to stop: every returned pair is checked with
 a fresh application of the operator (``verify``), and only that check sets ``converged``.
+A small residual proves an eigenvalue near ``theta``, not that it is the largest: with a cluster
+at the top (eigenvalues within the residual of each other, common for convolutions), a Ritz
+value can pass while still rising toward the cluster's top. Note [settling]: callers who want the
+extreme eigenvalue ask for ``settle`` steps over which the Ritz value must not have moved more
+than the tolerance; the top Ritz value only rises with more steps (interlacing), so a value that
+stopped rising has stopped short of nothing the Krylov space can see.
 
 Note [breakdown]: a ``beta`` at rounding level (below ``1e-13 ||A v||`` after
 reorthogonalisation) means the basis spans an invariant subspace: the next direction is numerical
@@ -174,6 +180,7 @@ def _thick_restart(
     v0: Optional[torch.Tensor],
     on_step: Optional[Callable[[int], None]],
     extra: int = 0,
+    settle: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int, int, int]:
     """Largest ``k`` eigenpairs of ``op`` (Note [thick-restart Lanczos], Note [breakdown]),
     plus ``extra`` further Ritz pairs that are returned but need not converge."""
@@ -197,6 +204,7 @@ def _thick_restart(
     est_tol = tol
     best_residual = math.inf
     stalls = 0
+    history: List[Tuple[int, torch.Tensor]] = []  # (steps, wanted Ritz values) at each check
 
     while True:
         w = op(basis[done]).reshape(-1)
@@ -227,8 +235,16 @@ def _thick_restart(
             theta, s = torch.linalg.eigh((t + t.T) / 2)
             theta, s = theta.flip(0), s.flip(1)  # descending
             est = beta * s[-1].abs() + dropped
-            want = est[:k] <= est_tol * theta[:k].abs().clamp(min=_EPS * scale)
+            floor_k = est_tol * theta[:k].abs().clamp(min=_EPS * scale)
+            want = est[:k] <= floor_k
             ready = bool(want.all()) or exhausted
+            history.append((steps, theta[:k].clone()))
+            if ready and settle and not exhausted:
+                # Note [settling]: a Ritz value still moving is not converged, whatever its
+                # residual says (a cluster at the top: the residual bounds the distance to *an*
+                # eigenvalue of the cluster, not to the largest).
+                old = [t for st, t in history if st <= steps - settle and len(t) == k]
+                ready = bool(old) and bool(((theta[:k] - old[-1]).abs() <= floor_k).all())
             if ready and active is not None and active < done:
                 # The sequence begun after a breakdown must also have found its top.
                 ta = t[active:, active:]
@@ -313,6 +329,7 @@ def lanczos_largest(
     on_step: Optional[Callable[[int], None]] = None,
     max_basis: Optional[int] = None,
     extra: int = 0,
+    settle: int = 0,
 ) -> Eigenpairs:
     """The ``k`` largest eigenpairs of a symmetric operator ``apply`` on ``R^n`` (float64).
 
@@ -328,7 +345,9 @@ def lanczos_largest(
     operator with the same eigenvectors); it is called only when Lanczos' own estimate says
     the pairs converged, so it costs little. ``extra`` further Ritz pairs (the next largest)
     are returned and verified too but need not converge (e.g. a gap estimate for Temple's
-    bound); ``verify`` decides what to require of them.
+    bound); ``verify`` decides what to require of them. With ``settle``, the wanted Ritz values
+    must also have moved by less than ``tol`` (relative) over the last ``settle`` applications
+    before the verification (Note [settling]).
 
     >>> a = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> r = lanczos_largest(lambda v: a @ v, 100, k=2, generator=torch.Generator().manual_seed(0))
@@ -341,7 +360,7 @@ def lanczos_largest(
     counter = [0]
     check = verify if verify is not None else _residual_verifier(apply, tol, atol, counter, k)
     values, vectors, residuals, ok, steps, restarts, breakdowns = _thick_restart(
-        apply, n, k, tol, check, capacity, max_steps, generator, v0, on_step, extra,
+        apply, n, k, tol, check, capacity, max_steps, generator, v0, on_step, extra, settle,
     )
     return Eigenpairs(values, vectors, residuals, ok, steps, restarts, breakdowns)
 
@@ -364,6 +383,7 @@ def lanczos_smallest(
     on_step: Optional[Callable[[int], None]] = None,
     max_basis: Optional[int] = None,
     extra: int = 0,
+    settle: int = 0,
 ) -> Eigenpairs:
     """The ``k`` smallest eigenpairs of ``apply`` by shift-and-invert Lanczos.
 
@@ -385,7 +405,7 @@ def lanczos_smallest(
     counter = [0]
     check = verify if verify is not None else _residual_verifier(apply, tol, atol, counter, k)
     values, vectors, residuals, ok, steps, restarts, breakdowns = _thick_restart(
-        solve, n, k, tol, check, capacity, max_steps, generator, v0, on_step, extra,
+        solve, n, k, tol, check, capacity, max_steps, generator, v0, on_step, extra, settle,
     )
     return Eigenpairs(values, vectors, residuals, ok, steps, restarts, breakdowns)
 

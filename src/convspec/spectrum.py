@@ -53,6 +53,9 @@ _EPS = torch.finfo(torch.float64).eps
 #: product) of 0 is 0 to float64 rounding (the dense SVD is no more accurate there); see
 #: Note [iterative error bounds].
 ROUNDING_FLOOR = 64
+#: Lanczos steps over which an extreme Ritz value found without a certificate (``sigma_max``)
+#: must not have moved by more than ``tol`` (linalg.py's Note [settling]).
+SETTLE_STEPS = 10
 #: Warn when a route without a visible progress bar is estimated to take longer (seconds).
 LONG_SECONDS = 600.0
 
@@ -682,7 +685,9 @@ class _BandedCholesky:
 # * sigma_max: in exact arithmetic s <= sigma_max (a Rayleigh quotient) and some eigenvalue lies
 #   within r of rho; if it is the largest, sigma_max <= sqrt(rho + r + e + 2 drho).
 #   sigma_max_error = max(that - s, ds). That it is the largest rests on Lanczos from a random
-#   start (and a second random start after any breakdown, linalg.py's Note [breakdown]);
+#   start (a second random start after any breakdown, linalg.py's Note [breakdown]) and on the
+#   Ritz value having stopped rising over SETTLE_STEPS steps (Note [settling]: with a cluster at
+#   the top, an early Ritz value passed the residual test 2.5e-7 below sigma_max);
 #   conv_spectral_norm_bound is a certified upper bound when one is needed.
 # * sigma_min: sigma_min <= ||M v|| <= s + ds (min over unit vectors; the Gram is the smaller one,
 #   so all its eigenvalues are squared singular values of M). The lower end is certified by a
@@ -791,6 +796,7 @@ def _iterative(
         top = lanczos_largest(
             gram, dim, tol=tol, max_steps=max(1, max_products // 2 - 2), max_bytes=max_bytes,
             reserved_bytes=workspace, generator=generator, verify=verify_max, max_basis=300,
+            settle=SETTLE_STEPS,
         )
         sigma_max, sigma_max_error = found["s"], found["err"]
         converged = top.converged
@@ -961,7 +967,7 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
             lanczos_largest(
                 flipped, dim, tol=tol * 1e-3, max_steps=max(1, max_products // 2),
                 max_bytes=max_bytes, reserved_bytes=workspace, generator=generator,
-                verify=verify, max_basis=300, extra=1,
+                verify=verify, max_basis=300, extra=1, settle=SETTLE_STEPS,
             )
             s = found["s"]
             # Uncertified: assumes the eigenvalue near rho is the smallest (and, for Temple,

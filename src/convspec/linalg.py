@@ -204,7 +204,7 @@ def _thick_restart(
     est_tol = tol
     best_residual = math.inf
     stalls = 0
-    history: List[Tuple[int, torch.Tensor]] = []  # (steps, wanted Ritz values) at each check
+    history: List[Tuple[int, List[float]]] = []  # (steps, wanted Ritz values) at recent checks
 
     while True:
         w = op(basis[done]).reshape(-1)
@@ -238,13 +238,16 @@ def _thick_restart(
             floor_k = est_tol * theta[:k].abs().clamp(min=_EPS * scale)
             want = est[:k] <= floor_k
             ready = bool(want.all()) or exhausted
-            history.append((steps, theta[:k].clone()))
+            if settle:  # (plain floats: small tensors kept in a list pin far more memory)
+                history.append((steps, theta[:k].tolist()))
+                history = history[-(settle + 2):]
             if ready and settle and not exhausted:
                 # Note [settling]: a Ritz value still moving is not converged, whatever its
                 # residual says (a cluster at the top: the residual bounds the distance to *an*
                 # eigenvalue of the cluster, not to the largest).
                 old = [t for st, t in history if st <= steps - settle and len(t) == k]
-                ready = bool(old) and bool(((theta[:k] - old[-1]).abs() <= floor_k).all())
+                moved = (theta[:k] - torch.tensor(old[-1], dtype=theta.dtype)).abs() if old else None
+                ready = moved is not None and bool((moved <= floor_k).all())
             if ready and active is not None and active < done:
                 # The sequence begun after a breakdown must also have found its top.
                 ta = t[active:, active:]

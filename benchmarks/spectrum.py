@@ -101,7 +101,9 @@ def main() -> None:
             route="iterative", baseline=f"dense {route}", baseline_s=t_dense, route_s=t_it,
             ratio=t_dense / t_it, sigma_max=it.sigma_max, sigma_min=it.sigma_min,
             rel_diff_sigma_max=rel(it.sigma_max, dmax), rel_diff_sigma_min=rel(it.sigma_min, dmin),
-            n_products=it.n_products, n_solves=it.n_solves, converged=it.converged,
+            n_products=it.n_products, n_solves=it.n_solves,
+            n_factorizations=it.n_factorizations, converged=it.converged,
+            sigma_max_error=it.sigma_max_error, sigma_min_error=it.sigma_min_error,
             target=">= 100x, agree to 1e-6",
             met=t_dense / t_it >= 100 and max(rel(it.sigma_max, dmax), rel(it.sigma_min, dmin)) <= 1e-6,
         ))
@@ -152,7 +154,7 @@ def main() -> None:
         route="iterative", baseline="dense infeasible "
         f"({(c * n * n) ** 2 * 8 / 2**30:.0f} GiB); bound and tol=1e-10 run timed",
         baseline_s=None, route_s=t_it, ratio=None, sigma_max=it.sigma_max,
-        n_products=it.n_products, converged=it.converged,
+        n_products=it.n_products, converged=it.converged, sigma_max_error=it.sigma_max_error,
         bound=bound, bound_s=t_bound, bound_over_sigma_max=bound / it.sigma_max,
         reference_tol_1e10=ref.sigma_max, reference_s=t_ref, reference_products=ref.n_products,
         rel_diff_vs_reference=rel(it.sigma_max, ref.sigma_max),
@@ -171,7 +173,8 @@ def main() -> None:
         agree = max(v for k, v in r.items() if k.startswith(("rel_diff", "max_abs_diff")))
         products = r.get("n_products", 0)
         if r.get("n_solves"):
-            products = f"{products} + {r['n_solves']} solves"
+            products = (f"{products} + {r['n_solves']} solves + "
+                        f"{r['n_factorizations']} factorizations")
         print(f"| {r['case']} | {base} ({r['baseline']}) | {r['route_s']:.4g} ({r['route']}) | "
               f"{ratio} | {products} | {agree:.1e} | {'yes' if r['met'] else 'no'} |")
     print(f"wrote {args.out / 'spectrum.json'}")

@@ -330,12 +330,16 @@ def test_spectrum_report_bad_input():
 
 
 def test_iterative_fallback_without_factorisation_warns_and_converges():
-    # max_bytes too small for the banded factor: Lanczos on sigma_max^2 I - Gram instead.
+    # max_bytes too small for the banded factor (but enough for a Lanczos basis: max_bytes is
+    # respected on every route, see test_spectrum_trust.py): Lanczos on sigma_max^2 I - Gram.
+    from convspec.spectrum import _plan_banded
+
     w = rand(3, 2, 3, seed=15)
     ref = dense_values(w, 6, padding=1)
+    need = _plan_banded(w, conv_geometry(w, 6, padding=1))[2]
     with pytest.warns(UserWarning, match="falls back"):
         got = conv_singular_values(w, 6, padding=1, which="extremes", method="iterative",
-                                   max_bytes=1)
+                                   max_bytes=need - 1)
     assert got.converged and got.n_solves == 0
     assert got.sigma_min == pytest.approx(float(ref[-1]), rel=1e-6)
 

@@ -22,9 +22,11 @@ class LayerSpectrum:
     ``(out // groups) x (in // groups * k1 * k2)`` (what SVB and ``torch.nn.utils.spectral_norm``
     act on; max of maxima, min of minima over groups); ``sigma_max`` / ``sigma_min`` those of the
     true operator ``M`` on the layer's input size, from :func:`convspec.conv_singular_values`
-    (``method``, ``exact``, ``n_products`` as there). ``values`` / ``reshaped_values`` hold all
-    singular values (descending) where computed, ``note`` why the operator was skipped (e.g. a
-    ``reflect`` padding mode), else ``""``.
+    (``method``, ``exact``, ``converged``, ``n_products`` and the absolute error bounds
+    ``sigma_max_error`` / ``sigma_min_error`` as in :class:`convspec.ConvSpectrum`: ``0.0`` for
+    the dense and FFT routes means float64 rounding only). ``values`` / ``reshaped_values`` hold
+    all singular values (descending) where computed, ``note`` why the operator was skipped (e.g.
+    a ``reflect`` padding mode), else ``""``.
     """
 
     name: str
@@ -44,6 +46,9 @@ class LayerSpectrum:
     exact: bool = False
     n_products: int = 0
     note: str = ""
+    converged: bool = False
+    sigma_max_error: Optional[float] = None
+    sigma_min_error: Optional[float] = None
     reshaped_values: Optional[torch.Tensor] = field(default=None, repr=False)
     values: Optional[torch.Tensor] = field(default=None, repr=False)
 
@@ -81,10 +86,13 @@ def spectrum_report(
     One forward pass of ``example_input`` (in eval mode, without gradient; the training flag is
     restored) with forward pre-hooks records each convolution's input size; then for each layer,
     in module order, the reshaped kernel's singular values (SVD of ``groups`` small matrices) and
-    the **exact** ``sigma_max`` / ``sigma_min`` of the operator ``M`` that the layer applies to
+    the ``sigma_max`` / ``sigma_min`` of the operator ``M`` that the layer applies to
     that input (its own ``stride``, ``padding``, ``dilation``, ``groups``, ``padding_mode``),
     through :func:`convspec.conv_singular_values` with ``method='auto'`` (FFT for circular
-    padding, dense for small operators, else iterative to relative ``tol``). Layers with a
+    padding, dense for small operators, else iterative to relative ``tol``, with error bounds
+    and a ``converged`` flag per row: an iterative ``sigma_min`` below about
+    ``sqrt(eps / tol) sigma_max`` comes with its absolute accuracy instead, see
+    :func:`convspec.conv_singular_values`). Layers with a
     ``reflect`` or ``replicate`` padding mode get the reshaped values only and a ``note``. With
     ``keep_values``, all operator singular values are kept where an exact route is cheap (FFT,
     or each group's operator at most ``AUTO_DENSE_MAX_N`` rows and columns).
@@ -173,10 +181,12 @@ def spectrum_report(
             spec = conv_singular_values(
                 w, sizes[name], stride=tuple(conv.stride), padding=padding,
                 dilation=tuple(conv.dilation), groups=conv.groups, padding_mode=mode,
-                which=which, tol=tol,
+                which=which, tol=tol, progress=False if progress else None,
             )
             row.sigma_max, row.sigma_min = spec.sigma_max, spec.sigma_min
             row.method, row.exact, row.n_products = spec.method, spec.exact, spec.n_products
+            row.converged = spec.converged
+            row.sigma_max_error, row.sigma_min_error = spec.sigma_max_error, spec.sigma_min_error
             row.values = spec.values
             rows.append(row)
     return rows

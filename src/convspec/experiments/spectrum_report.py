@@ -123,6 +123,9 @@ def format_table(rows: Sequence[LayerSpectrum]) -> str:
     ]
     for r in rows:
         op = "n/a" if r.sigma_max is None else f"{r.sigma_max:.4g} / {r.sigma_min:.4g}"
+        if r.sigma_max is not None and not r.exact and r.sigma_min_error is not None:
+            # Not within tol: show the absolute accuracy that is guaranteed (ConvSpectrum).
+            op += f" (not within tol: +{r.sigma_max_error:.1g} / -{r.sigma_min_error:.1g})"
         lines.append(
             f"| {r.name} | {'x'.join(map(str, r.weight_shape))} | "
             f"{r.input_size[0]}x{r.input_size[1]} | {r.stride[0]} | {r.groups} | "

@@ -145,3 +145,101 @@ def test_bad_transposed_and_mode_arguments():
         convspec.frobenius_penalty(w, 3, padding=3, padding_mode="reflect")
     with pytest.raises(ValueError, match="spatial axes"):
         convspec.frobenius_penalty(torch.randn(2, 2, 1, 1, 1, 1), 3)
+
+
+# ---------------------------------------------------------------------------------- spectra
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spectra_of_random_layers_match_the_module(seed):
+    import warnings
+
+    for m, n in _layers(200 + seed, 12):
+        sv = torch.linalg.svdvals(module_operator(m, n))
+        smax, smin = float(sv[0]), float(sv[-1])
+        dense = convspec.conv_singular_values(m, n, method="dense")
+        assert torch.allclose(dense.values, sv, atol=1e-10 * max(smax, 1)), (m, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a non-converged result is allowed; a wrong one not
+            it = convspec.conv_singular_values(m, n, which="extremes", method="iterative")
+        if it.converged:
+            assert abs(it.sigma_max - smax) <= 1.001 * it.sigma_max_error + 1e-6 * smax, (m, n)
+            assert abs(it.sigma_min - smin) <= 1.001 * it.sigma_min_error + 1e-9 * smax, (m, n)
+        assert convspec.conv_spectral_norm_bound(m, n) >= smax * (1 - 1e-9), (m, n)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_fft_route_on_circular_layers_of_every_dimension(d):
+    rng = random.Random(d)
+    checked = 0
+    while checked < 4:
+        m, n = random_layer(rng, ndim=d, transposed=False, mode="circular")
+        try:
+            fft = convspec.conv_singular_values(m, n, method="fft")
+        except ValueError as e:
+            assert "does not apply" in str(e)
+            continue
+        sv = torch.linalg.svdvals(module_operator(m, n))
+        assert torch.allclose(fft.values, sv, atol=1e-9 * max(float(sv[0]), 1)), (m, n)
+        ext = convspec.conv_singular_values(m, n, which="extremes", method="fft")
+        assert ext.sigma_max == pytest.approx(float(sv[0]), rel=1e-10)
+        checked += 1
+    # Strided circular layers: the polyphase transfer matrices, 3-D included.
+    conv = CONV[d](2, 3, 3, stride=2, padding=1, padding_mode="circular", bias=False).double()
+    size = 8 if d < 3 else 4
+    sv = torch.linalg.svdvals(module_operator(conv, size))
+    fft = convspec.conv_singular_values(conv, size, method="fft")
+    assert torch.allclose(fft.values, sv[: len(fft.values)], atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_fft_refuses_reflect_and_replicate_but_dense_and_iterative_work(mode):
+    conv = nn.Conv2d(3, 3, 3, padding=1, padding_mode=mode, bias=False).double()
+    with pytest.raises(ValueError, match=f"circulant.*|{mode}"):
+        convspec.conv_singular_values(conv, 6, method="fft")
+    sv = torch.linalg.svdvals(module_operator(conv, 6))
+    smax, smin = convspec.extreme_singular_values(conv, 6, method="iterative")
+    assert smax == pytest.approx(float(sv[0]), rel=1e-6)
+    assert smin == pytest.approx(float(sv[-1]), rel=1e-6)
+    assert convspec.conv_singular_values(conv, 6, method="auto").method == "dense"
+
+
+def test_transposed_spectrum_equals_its_operator():
+    up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, bias=False).double()
+    sv = torch.linalg.svdvals(module_operator(up, 5))
+    res = convspec.conv_singular_values(up, 5)
+    assert torch.allclose(res.values, sv, atol=1e-12)
+    it = convspec.conv_singular_values(up, 5, which="extremes", method="iterative")
+    assert it.converged and it.sigma_max == pytest.approx(float(sv[0]), rel=1e-6)
+
+
+def test_spectrum_keywords_default_to_nn_conv():
+    conv = nn.Conv2d(3, 4, 3, bias=False).double()  # padding 0
+    assert convspec.extreme_singular_values(conv.weight, 8) == pytest.approx(
+        convspec.extreme_singular_values(conv, 8), rel=1e-9)
+    sv = torch.linalg.svdvals(module_operator(conv, 8))
+    assert convspec.extreme_singular_values(conv, 8)[1] == pytest.approx(float(sv[-1]), rel=1e-6)
+    with pytest.raises(ValueError, match="defines its own geometry"):
+        convspec.conv_singular_values(conv, 8, padding=1)
+
+
+def test_spectrum_report_covers_every_layer_type():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1, padding_mode="replicate"),
+        nn.Unflatten(2, (2, 4)),
+        nn.ConvTranspose2d(4, 3, 2, stride=2),
+        nn.Unflatten(2, (1, 4)),
+        nn.Conv3d(3, 2, (1, 3, 3), padding=(0, 1, 1), padding_mode="reflect"),
+        nn.LazyConv3d(2, 1),
+    ).double()
+    rows = convspec.spectrum_report(net, torch.randn(1, 2, 8, dtype=torch.float64))
+    assert [r.name for r in rows] == ["0", "2", "4", "5"]
+    assert [r.layer_type for r in rows] == ["Conv1d", "ConvTranspose2d", "Conv3d", "Conv3d"]  # a Lazy module becomes its class
+    for r in rows:
+        m = net.get_submodule(r.name)
+        sv = torch.linalg.svdvals(module_operator(m, r.input_size))
+        assert r.sigma_max == pytest.approx(float(sv[0]), rel=1e-9)
+        assert r.sigma_min == pytest.approx(float(sv[-1]), rel=1e-9)
+        mats = m.weight.detach().reshape(m.groups, m.weight.shape[0] // m.groups, -1)
+        assert r.reshaped_sigma_max == pytest.approx(float(torch.linalg.svdvals(mats).max()), rel=1e-12)

@@ -96,7 +96,7 @@ def _add_spectrum_parser(sub) -> None:
     sp = sub.add_parser(
         "spectrum",
         help="per-layer singular values of a model: reshaped kernels vs exact operators",
-        description="Run one forward pass to record each Conv2d's input size, then report the "
+        description="Run one forward pass to record each convolution's input size, then report the "
         "extreme singular values of every reshaped kernel and of every true convolution operator "
         "(exact: FFT, dense or converged iterative). Prints a table and writes DIR/spectrum.json, "
         "DIR/spectrum_histograms.png (lower, middle, higher layers) and DIR/spectrum_extremes.png.",

@@ -1,4 +1,4 @@
-"""A model-wide spectrum report: every ``nn.Conv2d``, reshaped kernel vs true operator."""
+"""A model-wide spectrum report: every convolution, reshaped kernel vs true operator."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._geometry import conv_geometry
+from ._geometry import geometry_of, is_conv
 from ._progress import progress_bar
-from .spectrum import AUTO_DENSE_MAX_N, _fft_applicable, _group_weights, conv_singular_values
+from .spectrum import AUTO_DENSE_MAX_N, _canonical, _fft_applicable, _group_weights, conv_singular_values
 
 
 @dataclass
@@ -19,23 +19,25 @@ class LayerSpectrum:
     """One convolution of a model as :func:`spectrum_report` sees it.
 
     ``reshaped_*`` are the extreme singular values of the reshaped kernel, ``groups`` matrices
-    ``(out // groups) x (in // groups * k1 * k2)`` (what SVB and ``torch.nn.utils.spectral_norm``
+    ``(weight.shape[0] // groups) x (weight.shape[1] * prod(kernel))`` (for a transposed layer
+    ``(in // groups) x (out // groups * prod(kernel))``; what SVB and ``torch.nn.utils.spectral_norm``
     act on; max of maxima, min of minima over groups); ``sigma_max`` / ``sigma_min`` those of the
     true operator ``M`` on the layer's input size, from :func:`convspec.conv_singular_values`
     (``method``, ``exact``, ``converged``, ``n_products`` and the absolute error bounds
     ``sigma_max_error`` / ``sigma_min_error`` as in :class:`convspec.ConvSpectrum`: ``0.0`` for
     the dense and FFT routes means float64 rounding only). ``values`` / ``reshaped_values`` hold
-    all singular values (descending) where computed, ``note`` why the operator was skipped (e.g.
-    a ``reflect`` padding mode), else ``""``.
+    all singular values (descending) where computed; ``padding`` is ``(lo, hi)`` per spatial
+    axis, flattened; ``layer_type`` the module's class name; ``note`` anything the row does not
+    say by itself, else ``""``.
     """
 
     name: str
     weight_shape: Tuple[int, ...]
-    input_size: Tuple[int, int]
-    output_size: Tuple[int, int]
-    stride: Tuple[int, int]
-    padding: Tuple[int, int, int, int]
-    dilation: Tuple[int, int]
+    input_size: Tuple[int, ...]
+    output_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
     groups: int
     padding_mode: str
     reshaped_sigma_max: float
@@ -46,6 +48,7 @@ class LayerSpectrum:
     exact: bool = False
     n_products: int = 0
     note: str = ""
+    layer_type: str = ""
     converged: bool = False
     sigma_max_error: Optional[float] = None
     sigma_min_error: Optional[float] = None
@@ -81,7 +84,10 @@ def spectrum_report(
     keep_values: bool = True,
     progress: bool = False,
 ) -> List[LayerSpectrum]:
-    """Extreme singular values of every ``nn.Conv2d`` of ``model``: reshaped kernel and operator.
+    """Extreme singular values of every convolution of ``model``: reshaped kernel and operator.
+
+    Every ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (initialised ``Lazy*`` included),
+    every padding mode.
 
     One forward pass of ``example_input`` (in eval mode, without gradient; the training flag is
     restored) with forward pre-hooks records each convolution's input size; then for each layer,
@@ -89,11 +95,12 @@ def spectrum_report(
     the ``sigma_max`` / ``sigma_min`` of the operator ``M`` that the layer applies to
     that input (its own ``stride``, ``padding``, ``dilation``, ``groups``, ``padding_mode``),
     through :func:`convspec.conv_singular_values` with ``method='auto'`` (FFT for circular
-    padding, dense for small operators, else iterative to relative ``tol``, with error bounds
+    padding, dense for small operators, else iterative (zeros, reflect, replicate padding) to relative ``tol``, with error bounds
     and a ``converged`` flag per row: an iterative ``sigma_min`` below about
     ``sqrt(eps / tol) sigma_max`` comes with its absolute accuracy instead, see
-    :func:`convspec.conv_singular_values`). Layers with a
-    ``reflect`` or ``replicate`` padding mode get the reshaped values only and a ``note``. With
+    :func:`convspec.conv_singular_values`). A layer seen at several input sizes is reported at
+    the first, with a warning naming it; a layer the forward pass does not reach is named in a
+    warning and left out. With
     ``keep_values``, all operator singular values are kept where an exact route is cheap (FFT,
     or each group's operator at most ``AUTO_DENSE_MAX_N`` rows and columns).
 
@@ -114,14 +121,15 @@ def spectrum_report(
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [(name, m) for name, m in model.named_modules() if is_conv(m)]
     if not convs:
-        raise ValueError("model has no nn.Conv2d layer")
+        raise ValueError("model has no convolution layer (nn.Conv*d or nn.ConvTranspose*d)")
     sizes, repeated = {}, set()
 
     def record(name):
         def hook(module, inputs):
-            size = tuple(inputs[0].shape[-2:])
+            d = len(module.kernel_size)
+            size = tuple(int(n) for n in inputs[0].shape[-d:])
             if sizes.setdefault(name, size) != size:
                 repeated.add(name)
             # returns None: inputs unchanged
@@ -153,35 +161,25 @@ def spectrum_report(
                 continue  # not reached by the forward pass
             w = conv.weight
             reshaped = reshaped_values(w, conv.groups)
-            padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
-            mode = conv.padding_mode
-            supported = mode in ("zeros", "circular")
-            geom = conv_geometry(
-                w, sizes[name], stride=tuple(conv.stride), padding=padding,
-                dilation=tuple(conv.dilation), groups=conv.groups,
-                padding_mode=mode if supported else "zeros",
-            )
+            geom = geometry_of(conv, sizes[name])
             row = LayerSpectrum(
                 name=name, weight_shape=tuple(w.shape), input_size=tuple(sizes[name]),
-                output_size=geom.output_size, stride=tuple(conv.stride),
-                padding=(geom.axes[0].pad_lo, geom.axes[0].pad_hi, geom.axes[1].pad_lo,
-                         geom.axes[1].pad_hi),
-                dilation=tuple(conv.dilation), groups=conv.groups, padding_mode=mode,
+                output_size=geom.layer_output_size, stride=tuple(conv.stride),
+                padding=tuple(v for ax in geom.axes for v in (ax.pad_lo, ax.pad_hi)),
+                dilation=tuple(conv.dilation), groups=conv.groups,
+                padding_mode=conv.padding_mode, layer_type=type(conv).__name__,
                 reshaped_sigma_max=float(reshaped[0]),
                 reshaped_sigma_min=float(reshaped[-1]), reshaped_values=reshaped,
             )
-            if not supported:
-                row.note = f"padding_mode {mode!r}: operator spectrum not supported"
-                rows.append(row)
-                continue
-            _, geom1 = _group_weights(w.detach(), geom)
+            if geom.transposed:
+                row.note = "transposed: padding is that of the convolution it is the adjoint of"
+            wc, gc = _canonical(w.detach(), geom)
+            _, geom1 = _group_weights(wc, gc)
             small = max(geom1.n_in, geom1.n_out) <= AUTO_DENSE_MAX_N
-            cheap = _fft_applicable(geom) is None or small
+            cheap = _fft_applicable(gc) is None or small
             which = "all" if keep_values and cheap else "extremes"
             spec = conv_singular_values(
-                w, sizes[name], stride=tuple(conv.stride), padding=padding,
-                dilation=tuple(conv.dilation), groups=conv.groups, padding_mode=mode,
-                which=which, tol=tol, progress=False if progress else None,
+                conv, sizes[name], which=which, tol=tol, progress=False if progress else None,
             )
             row.sigma_max, row.sigma_min = spec.sigma_max, spec.sigma_min
             row.method, row.exact, row.n_products = spec.method, spec.exact, spec.n_products

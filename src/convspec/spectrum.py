@@ -32,14 +32,14 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ._geometry import (
-    AxisGeometry, ConvGeometry, IntPair, Padding, check_weight, conv2d, conv_geometry,
+    UNSET, AxisGeometry, ConvGeometry, IntTuple, check_weight, conv_adjoint, conv_forward,
+    resolve,
 )
 from ._progress import auto_progress, progress_bar
 from .linalg import gram_iteration_bound, lanczos_capacity, lanczos_largest, lanczos_smallest
-from .operator import DEFAULT_MAX_BYTES, conv_operator
+from .operator import DEFAULT_MAX_BYTES, dense_operator
 
 WHICH = ("all", "extremes", "max")
 METHODS = ("auto", "dense", "fft", "iterative")
@@ -224,30 +224,47 @@ def _check_which_method(which: str, method: str, tol: float) -> None:
 
 
 def _group_weights(weight: torch.Tensor, geom: ConvGeometry) -> Tuple[torch.Tensor, ConvGeometry]:
-    """``(G, h / G, g / G, k1, k2)`` weights and the geometry of one group (``groups=1``)."""
+    """``(G, h / G, g / G, *k)`` weights and the geometry of one group (``groups=1``)."""
     G = geom.groups
-    h, gg, k1, k2 = weight.shape
-    w = weight.reshape(G, h // G, gg, k1, k2)
+    h, gg, *ks = weight.shape
+    w = weight.reshape(G, h // G, gg, *ks)
     return w, replace(geom, out_channels=h // G, in_channels=gg, groups=1)
 
 
-def _without_idle_wrap(geom: ConvGeometry) -> ConvGeometry:
-    """``geom`` with circular axes that have no padding marked non-circular.
+# Note [canonical form]: the spectra are those of the convolution C of the conv view (Note [conv
+# view] in convspec/_geometry.py): a transposed layer's M = C^T has the same singular values. A
+# 1-D convolution on N is exactly the 2-D one on N x 1 with a k x 1 kernel, so 1-D layers run
+# through the 2-D code; 3-D layers use the same routes, the banded Gram ordering by the first axis
+# with the other two merged (Note [banded Gram]).
+def _canonical(weight: torch.Tensor, geom: ConvGeometry) -> Tuple[torch.Tensor, ConvGeometry]:
+    geom = replace(geom, transposed=False)
+    if geom.ndim == 1:
+        unit = AxisGeometry(1, 1, 1, 1, 0, 0, "zeros")
+        geom = replace(geom, axes=(geom.axes[0], unit))
+        weight = weight.unsqueeze(-1)
+    return weight, geom
 
-    Without padding no tap leaves ``[0, N)``, so nothing wraps and the axis is the zero-padded
-    one; the banded Gram of the iterative route then keeps its band instead of one dense block.
+
+def _without_idle_wrap(geom: ConvGeometry) -> ConvGeometry:
+    """``geom`` with axes that have no padding marked zero-padded.
+
+    Without padding no tap leaves ``[0, N)``, so nothing wraps or mirrors and the axis is the
+    zero-padded one; the banded Gram of the iterative route then keeps its band instead of one
+    dense block.
     """
-    axes = tuple(replace(ax, mode="zeros") if ax.circular and not (ax.pad_lo or ax.pad_hi)
+    axes = tuple(replace(ax, mode="zeros") if ax.mode != "zeros" and not (ax.pad_lo or ax.pad_hi)
                  else ax for ax in geom.axes)
-    mode = geom.padding_mode if any(ax.circular for ax in axes) else "zeros"
+    mode = geom.padding_mode if any(ax.mode != "zeros" for ax in axes) else "zeros"
     return replace(geom, axes=axes, padding_mode=mode)
 
 
 def _fft_applicable(geom: ConvGeometry) -> Optional[str]:
     """``None`` if the FFT route is exact for ``geom``, else the reason it is not."""
     if geom.padding_mode != "circular":
-        return "it needs padding_mode='circular' (zero padding breaks the circulant structure)"
-    for name, ax in zip(("height", "width"), geom.axes):
+        return (f"it needs padding_mode='circular' ({geom.padding_mode!r} padding breaks the "
+                "circulant structure)")
+    names = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}[geom.ndim]
+    for name, ax in zip(names, geom.axes):
         if ax.out_size * ax.stride != ax.size:
             return (
                 f"the output {name} {ax.out_size} times the stride {ax.stride} is not the input "
@@ -270,72 +287,91 @@ def _fft_applicable(geom: ConvGeometry) -> Optional[str]:
 # is the spectrum of M (Sedghi et al. 2019, Theorem 6, for s = 1).
 
 
-def _phases(ax: AxisGeometry, size: int, stride: int) -> Tuple[torch.Tensor, np.ndarray]:
-    """``(E, R)``: ``E`` (size/stride, k) complex DFT phases of the taps, ``R`` (k,) their phase."""
-    n = size // stride
+def _phases(ax: AxisGeometry) -> Tuple[torch.Tensor, np.ndarray]:
+    """``(E, R)``: ``E`` (N/s, k) complex DFT phases of the taps, ``R`` (k,) their input phase."""
+    n = ax.size // ax.stride
     t = ax.dilation * np.arange(ax.kernel) - ax.pad_lo
-    r, q = np.mod(t, stride), np.floor_divide(t, stride)
+    r, q = np.mod(t, ax.stride), np.floor_divide(t, ax.stride)
     omega = np.arange(n)[:, None] * np.mod(q, n)[None, :] / n
     angle = torch.as_tensor(-2 * np.pi * omega)
     e = torch.polar(torch.ones(omega.shape, dtype=torch.float64), angle)
     return e, r
 
 
+_TAP, _PHASE, _FREQ = "pqr", "uvw", "xyz"  # einsum letters for up to three spatial axes
+
+
 def _transfer_plan(
-    weight: torch.Tensor, axes: Tuple[AxisGeometry, AxisGeometry], half: bool, chunk_bytes: int,
-) -> Tuple[int, int, int, int]:
-    """``(n1, n2, c1, c2)``: frequencies per axis and the chunk sizes of :func:`_transfer_chunks`."""
-    G, hg, gg, k1, _ = weight.shape
-    a, b = axes
-    n1, n2 = a.size // a.stride, b.size // b.stride
+    weight: torch.Tensor, axes: Tuple[AxisGeometry, ...], half: bool, chunk_bytes: int,
+) -> Tuple[List[int], List[int]]:
+    """``(n, c)``: frequencies per axis and the chunk of them :func:`_transfer_chunks` takes.
+
+    Axes are contracted last to first; the intermediate at axis ``j`` holds the taps of the
+    axes before it and ``c_j ... c_d`` frequencies, so each ``c_j`` is chosen to keep it near
+    ``chunk_bytes``.
+    """
+    G, hg, gg, *ks = weight.shape
+    ns = [ax.size // ax.stride for ax in axes]
     if half:
-        n2 = n2 // 2 + 1
-    per_freq = G * hg * gg * a.stride * b.stride * 16  # one complex transfer matrix per group
-    c2 = max(1, min(n2, chunk_bytes // (per_freq * k1)))
-    c1 = max(1, min(n1, chunk_bytes // (per_freq * c2)))
-    return n1, n2, c1, c2
+        ns[-1] = ns[-1] // 2 + 1
+    per_freq = G * hg * gg * math.prod(ax.stride for ax in axes) * 16
+    cs = [1] * len(axes)
+    block = 1
+    for j in range(len(axes) - 1, -1, -1):
+        cs[j] = max(1, min(ns[j], chunk_bytes // (per_freq * math.prod(ks[:j]) * block)))
+        block *= cs[j]
+    return ns, cs
 
 
 def _transfer_chunks(
     weight: torch.Tensor,
-    axes: Tuple[AxisGeometry, AxisGeometry],
+    axes: Tuple[AxisGeometry, ...],
     half: bool = False,
     chunk_bytes: int = 2**27,
 ) -> Iterator[torch.Tensor]:
     """Yield the transfer matrices of Note [polyphase transfer matrices], in chunks.
 
-    ``weight`` is ``(G, h', g', k1, k2)``; ``axes`` give size, stride, dilation and ``pad_lo``
-    (``size`` divisible by ``stride``). Each chunk is ``(G, c, h', g' s1 s2)`` complex128 for
-    ``c`` frequencies (a block of ``w1`` by a block of ``w2``), at most about ``chunk_bytes``, and
-    so is the width-contracted kernel it is made from: memory does not grow with ``N``. With
-    ``half``, only ``w2 <= N2' / 2``: the kernel is real, so ``T(-w) = conj(T(w))`` has the same
+    ``weight`` is ``(G, h', g', *k)`` with one to three spatial axes; ``axes`` give size,
+    stride, dilation and ``pad_lo`` (``size`` divisible by ``stride``). Each chunk is
+    ``(G, c, h', g' prod(s))`` complex128 for ``c`` frequencies (a block of each axis'
+    frequencies), at most about ``chunk_bytes``, and so is every partially contracted kernel it
+    is made from: memory does not grow with ``N``. With ``half``, only the last axis'
+    frequencies ``w_d <= N_d' / 2``: the kernel is real, so ``T(-w) = conj(T(w))`` has the same
     singular values and the other half adds nothing.
     """
-    G, hg, gg, k1, k2 = weight.shape
-    a, b = axes
-    e1, r1 = _phases(a, a.size, a.stride)
-    e2, r2 = _phases(b, b.size, b.stride)
-    n1, n2, c1, c2 = _transfer_plan(weight, axes, half, chunk_bytes)
-    e2 = e2[:n2]
-    s1, s2 = a.stride, b.stride
-    # Scatter each tap to its input phase: (G, h', g', s1, s2, k1, k2), zero off its phase.
-    w = weight.to(torch.float64)
-    onehot1 = torch.zeros(k1, s1, dtype=torch.float64)
-    onehot1[torch.arange(k1), torch.as_tensor(r1)] = 1
-    onehot2 = torch.zeros(k2, s2, dtype=torch.float64)
-    onehot2[torch.arange(k2), torch.as_tensor(r2)] = 1
-    wp = torch.einsum("gijpq,pr,qt->gijrtpq", w, onehot1, onehot2).to(torch.complex128)
-    for b0 in range(0, n2, c2):
-        # Contract the width taps for this block of w2: (G, h', g', s1, s2, k1, c2).
-        wq = torch.einsum("gijrtpq,bq->gijrtpb", wp, e2[b0 : b0 + c2])
-        for a0 in range(0, n1, c1):
-            t = torch.einsum("gijrtpb,ap->gabijrt", wq, e1[a0 : a0 + c1])
-            yield t.reshape(G, -1, hg, gg * s1 * s2)
+    G, hg, gg, *ks = weight.shape
+    d = len(axes)
+    ns, cs = _transfer_plan(weight, axes, half, chunk_bytes)
+    es, rs = zip(*(_phases(ax) for ax in axes))
+    taps, phases, freqs = _TAP[:d], _PHASE[:d], _FREQ[:d]
+    # Scatter each tap to its input phase: (G, h', g', s_1..s_d, k_1..k_d), zero off its phase.
+    onehots = []
+    for j, ax in enumerate(axes):
+        oh = torch.zeros(ks[j], ax.stride, dtype=torch.float64)
+        oh[torch.arange(ks[j]), torch.as_tensor(rs[j])] = 1
+        onehots.append(oh)
+    spec = f"gij{taps}," + ",".join(taps[j] + phases[j] for j in range(d)) + f"->gij{phases}{taps}"
+    wp = torch.einsum(spec, weight.to(torch.float64), *onehots).to(torch.complex128)
+    width = gg * math.prod(ax.stride for ax in axes)
+
+    def contract(t: torch.Tensor, j: int) -> Iterator[torch.Tensor]:
+        if j < 0:
+            yield torch.einsum(f"gij{phases}{freqs}->g{freqs}ij{phases}", t).reshape(
+                G, -1, hg, width)
+            return
+        e = es[j][: ns[j]]
+        for b0 in range(0, ns[j], cs[j]):
+            t2 = torch.einsum(
+                f"gij{phases}{taps[:j + 1]}{freqs[j + 1:]},{freqs[j]}{taps[j]}"
+                f"->gij{phases}{taps[:j]}{freqs[j:]}", t, e[b0 : b0 + cs[j]])
+            yield from contract(t2, j - 1)
+
+    yield from contract(wp, d - 1)
 
 
 def _n_chunks(weight, axes, half, chunk_bytes) -> int:
-    n1, n2, c1, c2 = _transfer_plan(weight, axes, half, chunk_bytes)
-    return -(-n1 // c1) * -(-n2 // c2)
+    ns, cs = _transfer_plan(weight, axes, half, chunk_bytes)
+    return math.prod(-(-n // c) for n, c in zip(ns, cs))
 
 
 def _chunk_bytes(max_bytes: int) -> int:
@@ -351,10 +387,9 @@ def _fft_spectrum(
     ``which='all'`` keeps every value (refused above ``max_bytes``, with the estimate); otherwise
     the chunks stream through a running max and min over half of the frequencies.
     """
-    G, hg, gg, _, _ = w.shape
-    a, b = geom1.axes
-    per = min(hg, gg * a.stride * b.stride)
-    count = G * (a.size // a.stride) * (b.size // b.stride) * per
+    G, hg, gg = w.shape[:3]
+    per = min(hg, gg * math.prod(ax.stride for ax in geom1.axes))
+    count = G * math.prod(ax.size // ax.stride for ax in geom1.axes) * per
     if which == "all":
         need = 3 * 8 * count  # the values, their concatenation and the sorted copy
         if need > max_bytes:
@@ -389,56 +424,12 @@ def _fft_spectrum(
 
 def _dense_values(w: torch.Tensor, geom1: ConvGeometry, max_bytes: int) -> torch.Tensor:
     """All singular values (descending): SVD of each group's dense operator, concatenated."""
-    a, b = geom1.axes
-    kwargs = dict(
-        stride=(a.stride, b.stride),
-        padding=((a.pad_lo, b.pad_lo) if (a.pad_lo, b.pad_lo) == (a.pad_hi, b.pad_hi) else None),
-        dilation=(a.dilation, b.dilation),
-        padding_mode=geom1.padding_mode,
-    )
-    vals = []
-    for i in range(w.shape[0]):
-        if kwargs["padding"] is None:
-            # Asymmetric padding only arises from padding='same' (stride 1).
-            m = conv_operator(w[i], geom1.input_size, padding="same", dilation=kwargs["dilation"],
-                              padding_mode=geom1.padding_mode, max_bytes=max_bytes)
-        else:
-            m = conv_operator(w[i], geom1.input_size, max_bytes=max_bytes, **kwargs)
-        vals.append(torch.linalg.svdvals(m))
+    vals = [torch.linalg.svdvals(dense_operator(w[i], geom1, max_bytes)) for i in range(w.shape[0])]
     return torch.sort(torch.cat(vals), descending=True).values
 
 
 # --------------------------------------------------------------------------------------------
-# Matrix-free products
-
-
-def _conv_t(y: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """``M^T y`` for a batch ``y`` of outputs ``(B, h, P1, P2)``: the adjoint of :func:`conv2d`."""
-    a, b = geom.axes
-    full = []
-    for ax in (a, b):
-        span = (ax.out_size - 1) * ax.stride + ax.dilation * (ax.kernel - 1) + 1
-        full.append(ax.size + ax.pad_lo + ax.pad_hi - span)  # rows of the padded input unread
-    z = F.conv_transpose2d(
-        y, weight, stride=(a.stride, b.stride), dilation=(a.dilation, b.dilation),
-        groups=geom.groups, output_padding=(full[0], full[1]),
-    )  # gradient on the padded input
-    n1, n2 = geom.input_size
-    if geom.padding_mode == "circular":
-        # Fold the wrapped borders back onto the input positions they copy.
-        z = _fold(z, a.pad_lo, n1, dim=2)
-        return _fold(z, b.pad_lo, n2, dim=3)
-    return z[:, :, a.pad_lo : a.pad_lo + n1, b.pad_lo : b.pad_lo + n2]
-
-
-def _fold(z: torch.Tensor, lo: int, n: int, dim: int) -> torch.Tensor:
-    out = z.narrow(dim, lo, n).clone()
-    if lo:
-        out.narrow(dim, n - lo, lo).add_(z.narrow(dim, 0, lo))
-    hi = z.shape[dim] - lo - n
-    if hi:
-        out.narrow(dim, 0, hi).add_(z.narrow(dim, lo + n, hi))
-    return out
+# Matrix-free products: convspec._geometry.conv_forward and conv_adjoint (any mode, any axes).
 
 
 def _tall(geom: ConvGeometry) -> bool:
@@ -466,51 +457,45 @@ def _tall(geom: ConvGeometry) -> bool:
 # 3 x 3 kernels. A solve costs O((2q + 1) b^2) per block row; nothing is ever O(n^3).
 
 
-def _tap_matrices(ax: AxisGeometry) -> np.ndarray:
-    """``A_p`` (k, P, N): ``A_p[y, x]`` = times output ``y`` reads input ``x`` via tap ``p``."""
-    k, n, P = ax.kernel, ax.size, ax.out_size
-    a = np.zeros((k, P, n))
-    for p in range(k):
-        for y in range(P):
-            x = ax.tap(y, p)
-            if ax.circular:
-                a[p, y, x % n] += 1
-            elif 0 <= x < n:
-                a[p, y, x] += 1
-    return a
-
-
 def _gram_parts(w: torch.Tensor, axes, tall: bool):
-    """Per-axis ``Z[p, p', i, i'] = (E_p E_p'^T)[i, i']``; channel matrices ``C`` (k1, k2, c, c')."""
+    """Per-axis ``Z[p, p', i, i'] = (E_p E_p'^T)[i, i']``; channel matrices ``C`` (k1, k2, c, c').
+
+    Three axes: the second ``Z`` is the Kronecker product of the last two axes' (taps and
+    positions merged row-major), and ``C`` has the last two taps merged likewise.
+    """
     z = []
     for ax in axes:
-        a = _tap_matrices(ax)
+        a = ax.tap_matrices()
         e = a.transpose(0, 2, 1) if tall else a  # (k, R, R')
         z.append(torch.as_tensor(np.einsum("pir,qjr->pqij", e, e)))
+    if len(z) == 3:
+        z2, z3 = z[1], z[2]
+        k2, k3, r2, r3 = z2.shape[0], z3.shape[0], z2.shape[2], z3.shape[2]
+        z = [z[0], torch.einsum("pqij,rskl->prqsikjl", z2, z3).reshape(
+            k2 * k3, k2 * k3, r2 * r3, r2 * r3)]
+        w = w.reshape(*w.shape[:3], k2 * k3)
     c = w.permute(2, 3, 1, 0) if tall else w.permute(2, 3, 0, 1)  # (k1, k2, c, c')
     return z, c.to(torch.float64)
 
 
-def _tap_positions(ax: AxisGeometry) -> np.ndarray:
-    """``(k, P)`` input position read by output ``y`` through tap ``p`` (-1: zero padding).
-
-    ``O(k P)``, unlike the ``(k, P, N)`` tap matrices: usable at any ``N``.
-    """
-    x = ax.stride * np.arange(ax.out_size)[None, :] - ax.pad_lo \
-        + ax.dilation * np.arange(ax.kernel)[:, None]
-    if ax.circular:
-        return np.mod(x, ax.size)
-    return np.where((x >= 0) & (x < ax.size), x, -1)
-
-
 def _row_reach(ax: AxisGeometry, tall: bool) -> int:
-    """An upper bound on ``|i - i'|`` with ``(E_p E_p'^T)[i, i'] != 0`` (Note [banded Gram]):
-    ``d (k - 1)`` input rows (``d (k - 1) / s`` output rows); all rows if taps wrap around."""
-    n = ax.size if tall else ax.out_size
-    if ax.circular:
-        return n - 1
-    reach = ax.dilation * (ax.kernel - 1)
-    return min(n - 1, reach if tall else reach // ax.stride)
+    """The largest ``|i - i'|`` with ``(E_p E_p'^T)[i, i'] != 0`` (Note [banded Gram]): input
+    positions read by one output (``tall``), or outputs that share an input; ``O(k P)``."""
+    x = ax.tap_positions()  # (k, P)
+    if tall:
+        lo = np.where(x >= 0, x, np.iinfo(np.int64).max).min(0)
+        hi = x.max(0)
+        ok = hi >= 0
+        return int((hi[ok] - lo[ok]).max()) if ok.any() else 0
+    first = np.full(ax.size, np.iinfo(np.int64).max)
+    last = np.full(ax.size, -1)
+    ys = np.arange(ax.out_size)
+    for p in range(ax.kernel):
+        valid = x[p] >= 0
+        np.minimum.at(first, x[p][valid], ys[valid])
+        np.maximum.at(last, x[p][valid], ys[valid])
+    ok = last >= 0
+    return int((last[ok] - first[ok]).max()) if ok.any() else 0
 
 
 def _banded_cost(r1: int, r2c: int, reach: int, rows: int, kernel: int) -> Tuple[float, int]:
@@ -531,12 +516,16 @@ def _plan_banded(w: torch.Tensor, geom1: ConvGeometry) -> Tuple[bool, int, int]:
     tall = _tall(geom1)
     c = geom1.in_channels if tall else geom1.out_channels
     best = None
-    for swap in (False, True):
+    for swap in ((False, True) if geom1.ndim == 2 else (False,)):
         axes = geom1.axes[::-1] if swap else geom1.axes
         sizes = [ax.size if tall else ax.out_size for ax in axes]
+        rest = math.prod(sizes[1:])
         reach = _row_reach(axes[0], tall)
+        # Three axes: the merged Z of the last two is dense (k2 k3 R2 R3)^2 (Note [banded Gram]).
+        zbytes = 8 * (math.prod(ax.kernel for ax in axes[1:]) * rest) ** 2 if geom1.ndim == 3 else 0
         for rows in range(1, max(1, min(reach, sizes[0])) + 1):
-            flops, memory = _banded_cost(sizes[0], sizes[1] * c, reach, rows, axes[0].kernel)
+            flops, memory = _banded_cost(sizes[0], rest * c, reach, rows, axes[0].kernel)
+            memory += zbytes
             if best is None or flops < best[0]:
                 best = (flops, swap, rows, memory)
     return best[1], best[2], best[3]
@@ -715,9 +704,9 @@ class _BandedCholesky:
 
 def _conv_workspace(geom: ConvGeometry) -> int:
     """Bytes one product with ``M`` or ``M^T`` needs beyond its input and output (unfolded taps)."""
-    (k1, k2), (p1, p2) = geom.kernel_size, geom.output_size
-    n1, n2 = geom.input_size
-    unfold = k1 * k2 * max(geom.in_channels, geom.out_channels) * max(p1 * p2, n1 * n2)
+    taps = math.prod(geom.kernel_size)
+    unfold = taps * max(geom.in_channels, geom.out_channels) * max(
+        math.prod(geom.output_size), math.prod(geom.input_size))
     return 8 * (unfold + 2 * (geom.n_in + geom.n_out))
 
 
@@ -746,29 +735,27 @@ def _iterative(
     generator: torch.Generator,
     progress: Optional[bool],
 ) -> ConvSpectrum:
-    weight = wg.reshape(-1, *wg.shape[2:])  # (h, g / G, k1, k2), grouped layout of nn.Conv2d
-    n1, n2 = geom.input_size
-    p1, p2 = geom.output_size
+    weight = wg.reshape(-1, *wg.shape[2:])  # (h, g / G, *k), grouped layout of nn.Conv*d
     wgs, geom1 = _group_weights(weight, geom)
     tall = _tall(geom1)
     counts = {"products": 0, "solves": 0, "factorizations": 0}
-    shape_in = (geom.in_channels, n1, n2)
-    shape_out = (geom.out_channels, p1, p2)
+    shape_in = (geom.in_channels, *geom.input_size)
+    shape_out = (geom.out_channels, *geom.output_size)
     dim = math.prod(shape_in if tall else shape_out)
     workspace = _conv_workspace(geom)
 
     with _work(None, "spectrum (iterative)", progress,
                "conv_singular_values(method='iterative')") as work:
 
-        def fwd(x):  # x: (g, N1, N2) -> (h, P1, P2)
+        def fwd(x):  # x: (g, *N) -> (h, *P)
             counts["products"] += 1
             work.update(1)
-            return conv2d(x[None], weight, geom)[0]
+            return conv_forward(x[None], weight, geom)[0]
 
         def adj(y):
             counts["products"] += 1
             work.update(1)
-            return _conv_t(y[None], weight, geom)[0]
+            return conv_adjoint(y[None], weight, geom)[0]
 
         def first(v):
             return fwd(v.reshape(shape_in)) if tall else adj(v.reshape(shape_out))
@@ -851,24 +838,24 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
         wgi = wgs[gi]  # (h', g', k1, k2)
         if _structurally_singular(wgi, geom1, tall):
             return 0.0, 0.0, True
-        wt = wgi.transpose(-1, -2) if swap else wgi
+        wt = wgi.transpose(-1, -2) if swap else wgi  # (h', g', *k)
 
         def fwd(x, wgi=wgi):
             counts["products"] += 1
             work.update(1)
-            return conv2d(x[None], wgi, geom1)[0]
+            return conv_forward(x[None], wgi, geom1)[0]
 
         def adj(y, wgi=wgi):
             counts["products"] += 1
             work.update(1)
-            return _conv_t(y[None], wgi, geom1)[0]
+            return conv_adjoint(y[None], wgi, geom1)[0]
 
-        def to_conv(v):  # (i, j, a) layout of Note [banded Gram] -> (a, i, j) of F.conv2d
-            x = v.reshape(sizes[0], sizes[1], -1)
-            return x.permute(2, 1, 0) if swap else x.permute(2, 0, 1)
+        def to_conv(v):  # (i, j..., a) layout of Note [banded Gram] -> (a, i, j...) of F.conv
+            x = v.reshape(*sizes, -1)
+            return x.permute(2, 1, 0) if swap else x.movedim(-1, 0)
 
         def from_conv(g):
-            return (g.permute(2, 1, 0) if swap else g.permute(1, 2, 0)).reshape(-1)
+            return (g.permute(2, 1, 0) if swap else g.movedim(0, -1)).reshape(-1)
 
         def first(v, fwd=fwd, adj=adj):
             x = to_conv(v)
@@ -899,7 +886,7 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
             values = torch.tensor([rho], dtype=torch.float64)
             return values, torch.tensor([r], dtype=torch.float64), ok
 
-        dim = wgi.shape[1 if tall else 0] * sizes[0] * sizes[1]
+        dim = wgi.shape[1 if tall else 0] * math.prod(sizes)
         try:
             lanczos_capacity(dim, max_bytes, 2, need + workspace)
             fits = True
@@ -1047,21 +1034,23 @@ def _tap_repeats(geom1: ConvGeometry) -> int:
     """Most outputs that one tap reads one input position from (1 unless circular wrap)."""
     out = 1
     for ax in geom1.axes:
-        x = _tap_positions(ax)
+        x = ax.tap_positions()
         out *= max([int(np.bincount(row[row >= 0]).max()) for row in x if (row >= 0).any()] or [1])
     return max(out, 1)
 
 
 def _product_terms(wgs: torch.Tensor, geom1: ConvGeometry) -> int:
-    _, hg, gg, k1, k2 = wgs.shape
-    return max(gg * k1 * k2, hg * k1 * k2 * _tap_repeats(geom1))
+    _, hg, gg, *ks = wgs.shape
+    taps = math.prod(ks)
+    return max(gg * taps, hg * taps * _tap_repeats(geom1))
 
 
 def _product_scale(wgs: torch.Tensor, geom1: ConvGeometry, tall: bool) -> float:
     """``sqrt(|| |M| ||_1 || |M| ||_inf)`` >= ``|| |M| ||_2`` >= ``sigma_max``, over the groups."""
     a = wgs.abs()  # (G, h', g', k1, k2)
-    rows = float(a.sum((2, 3, 4)).max())  # an output row reads each (input channel, tap) once
-    cols = float(a.sum((1, 3, 4)).max()) * _tap_repeats(geom1)
+    spatial = tuple(range(3, a.dim()))
+    rows = float(a.sum((2, *spatial)).max())  # an output row reads each (input channel, tap) once
+    cols = float(a.sum((1, *spatial)).max()) * _tap_repeats(geom1)
     return math.sqrt(rows * cols)
 
 
@@ -1083,7 +1072,7 @@ def _structurally_singular(w: torch.Tensor, geom1: ConvGeometry, tall: bool) -> 
     """
     patterns = []
     for ax in geom1.axes:
-        x = _tap_positions(ax)  # (k, P)
+        x = ax.tap_positions()  # (k, P)
         if tall:  # reads[p, x]: tap p reads input x from some output
             reads = np.zeros((ax.kernel, ax.size), dtype=bool)
             for p in range(ax.kernel):
@@ -1092,7 +1081,9 @@ def _structurally_singular(w: torch.Tensor, geom1: ConvGeometry, tall: bool) -> 
             reads = x >= 0
         patterns.append(torch.as_tensor(np.unique(reads.T, axis=0), dtype=torch.float64))
     slices = (w != 0).any(dim=0 if tall else 1).to(torch.float64)  # (c, k1, k2)
-    used = torch.einsum("ip,jq,apq->aij", patterns[0], patterns[1], slices)
+    pos, taps = "ijk"[: len(patterns)], "pqr"[: len(patterns)]
+    spec = ",".join(pos[i] + taps[i] for i in range(len(patterns)))
+    used = torch.einsum(f"{spec},a{taps}->a{pos}", *patterns, slices)
     return bool((used == 0).any())
 
 
@@ -1101,14 +1092,16 @@ def _structurally_singular(w: torch.Tensor, geom1: ConvGeometry, tall: bool) -> 
 
 
 def conv_singular_values(
-    weight: torch.Tensor,
-    input_size: IntPair,
+    conv,
+    input_size: IntTuple,
     *,
-    stride: IntPair = 1,
-    padding: Padding = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
+    stride=UNSET,
+    padding=UNSET,
+    dilation=UNSET,
+    groups=UNSET,
+    padding_mode=UNSET,
+    transposed=UNSET,
+    output_padding=UNSET,
     which: str = "all",
     method: str = "auto",
     tol: float = 1e-6,
@@ -1198,12 +1191,13 @@ def conv_singular_values(
         raise ValueError(f"max_products must be an int >= 10, got {max_products!r}")
     _check_max_bytes(max_bytes)
     auto_progress(progress)
-    geom = conv_geometry(
-        weight, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        padding_mode=padding_mode,
+    weight, geom = resolve(
+        conv, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        padding_mode=padding_mode, transposed=transposed, output_padding=output_padding,
     )
     check_weight(weight)
     w, scale = _scale_weight(weight.detach().to(torch.float64).cpu())
+    w, geom = _canonical(w, geom)
     wg, geom1 = _group_weights(w, geom)
     fft_reason = _fft_applicable(geom)
     if method == "auto":
@@ -1246,14 +1240,16 @@ def _check_max_bytes(max_bytes) -> None:
 
 
 def conv_spectral_norm_bound(
-    weight: torch.Tensor,
-    input_size: IntPair,
+    conv,
+    input_size: IntTuple,
     *,
-    stride: IntPair = 1,
-    padding: Padding = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
+    stride=UNSET,
+    padding=UNSET,
+    dilation=UNSET,
+    groups=UNSET,
+    padding_mode=UNSET,
+    transposed=UNSET,
+    output_padding=UNSET,
     n_iter: int = 6,
     max_bytes: int = DEFAULT_MAX_BYTES,
     progress: Optional[bool] = None,
@@ -1297,9 +1293,9 @@ def conv_spectral_norm_bound(
     Lipschitz Constant for Convolutional Layers by Gram Iteration", ICML 2023; H. Sedghi,
     V. Gupta, P. M. Long, "The Singular Values of Convolutional Layers", ICLR 2019.
     """
-    geom = conv_geometry(
-        weight, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        padding_mode=padding_mode,
+    weight, geom = resolve(
+        conv, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        padding_mode=padding_mode, transposed=transposed, output_padding=output_padding,
     )
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or not 0 <= n_iter <= 30:
         raise ValueError(f"n_iter must be an int in [0, 30], got {n_iter!r}")
@@ -1307,16 +1303,24 @@ def conv_spectral_norm_bound(
     auto_progress(progress)
     check_weight(weight)
     w, scale = _scale_weight(weight.detach().to(torch.float64).cpu())
+    w, geom = _canonical(w, geom)
     wg, geom1 = _group_weights(w, geom)
     factor = 1.0
     if _fft_applicable(geom) is None:
         axes = geom.axes
-    elif geom.padding_mode == "zeros":
+    elif geom.padding_mode != "circular":
+        # M = C_valid P: P pads (zeros, or copies for reflect / replicate: ||P||^2 is the most
+        # copies of one input position, per axis), C_valid reads only padded positions and is
+        # a row selection of the circular convolution on the padded size (Note [bound]).
         axes = []
         for ax in geom.axes:
-            size = ax.size + ax.pad_lo + ax.pad_hi
+            src = ax.sources()
+            copies = np.bincount(src[src >= 0]).max() if (src >= 0).any() else 1
+            factor *= float(copies)
+            size = max(ax.size + ax.pad_lo + ax.pad_hi, 1)
             size = -(-size // ax.stride) * ax.stride
-            axes.append(AxisGeometry(size, ax.kernel, ax.stride, ax.dilation, 0, 0, True))
+            axes.append(AxisGeometry(size, ax.kernel, ax.stride, ax.dilation, 0, 0, "circular"))
+        factor = math.sqrt(factor)
     else:
         axes = []
         for ax in geom.axes:
@@ -1337,14 +1341,16 @@ def conv_spectral_norm_bound(
 
 
 def extreme_singular_values(
-    weight: torch.Tensor,
-    input_size: IntPair,
+    conv,
+    input_size: IntTuple,
     *,
-    stride: IntPair = 1,
-    padding: Padding = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
+    stride=UNSET,
+    padding=UNSET,
+    dilation=UNSET,
+    groups=UNSET,
+    padding_mode=UNSET,
+    transposed=UNSET,
+    output_padding=UNSET,
     method: str = "auto",
     tol: float = 1e-6,
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -1373,8 +1379,9 @@ def extreme_singular_values(
     H. Sedghi, V. Gupta, P. M. Long, ICLR 2019.
     """
     res = conv_singular_values(
-        weight, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        padding_mode=padding_mode, which="extremes", method=method, tol=tol, max_bytes=max_bytes,
+        conv, input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        padding_mode=padding_mode, transposed=transposed, output_padding=output_padding,
+        which="extremes", method=method, tol=tol, max_bytes=max_bytes,
         progress=progress,
     )
     return res.sigma_max, res.sigma_min

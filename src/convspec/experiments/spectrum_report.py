@@ -128,7 +128,7 @@ def format_table(rows: Sequence[LayerSpectrum]) -> str:
             op += f" (not within tol: +{r.sigma_max_error:.1g} / -{r.sigma_min_error:.1g})"
         lines.append(
             f"| {r.name} | {'x'.join(map(str, r.weight_shape))} | "
-            f"{r.input_size[0]}x{r.input_size[1]} | {r.stride[0]} | {r.groups} | "
+            f"{'x'.join(map(str, r.input_size))} | {r.stride[0]} | {r.groups} | "
             f"{r.reshaped_sigma_max:.4g} / {r.reshaped_sigma_min:.4g} | {op} | "
             f"{r.method or r.note} |"
         )
@@ -171,7 +171,7 @@ def plot_histograms(rows: Sequence[LayerSpectrum], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_ylim(top=1.5)
         ax.set_title(f"{where}: {r.name} ({'x'.join(map(str, r.weight_shape))}, "
-                     f"input {r.input_size[0]}x{r.input_size[1]})", fontsize=9)
+                     f"input {'x'.join(map(str, r.input_size))})", fontsize=9)
         ax.set_xlabel("singular value")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("fraction of singular values")

@@ -47,10 +47,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow tests
 
+# Runs every benchmark, then rewrites the README's tables from
+# benchmarks/results/*.json; `$(PY) benchmarks/readme_tables.py --check` only compares them.
 bench: $(STAMP)
-	$(PY) benchmarks/penalty.py --out benchmarks/results
+	$(PY) benchmarks/penalty.py --out benchmarks/results --threads 1
 	$(PY) benchmarks/svb.py --out benchmarks/results
 	$(PY) benchmarks/spectrum.py --out benchmarks/results
+	$(PY) benchmarks/readme_tables.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

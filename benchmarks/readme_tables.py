@@ -1,0 +1,452 @@
+"""Write the README's benchmark tables from ``benchmarks/results/*.json``.
+
+Run: ``python benchmarks/readme_tables.py [--check] [--readme README.md] [--results DIR]``.
+
+The README holds generated blocks between marker comments, ``<!-- bench:NAME -->`` and
+``<!-- /bench:NAME -->``: ``results`` (the results table on the first screen), ``penalty``,
+``spectrum`` and ``svb`` (the tables of the Benchmarks section, one per JSON file). Without
+``--check`` the blocks are rewritten in place; with it nothing is written and the exit status is
+1 when the README differs from what the JSON gives (a diff is printed). Prose outside the blocks
+is not touched.
+
+The JSON is read strictly: a results file of an unknown benchmark, or a field this script does
+not know, is an error (exit status 2) in both modes, so that a benchmark that starts recording
+something new cannot be left out of the README silently. Teach this script the field, then run
+it. The first-screen table also quotes the experiment records in ``records/`` (Fashion-MNIST
+comparison, Figure 4.1), read from their JSON the same way.
+
+Standard library only: the script runs without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = "python benchmarks/readme_tables.py"
+
+
+class SchemaError(ValueError):
+    """A results file this script cannot render faithfully (unknown file, field or row)."""
+
+
+# --- reading -------------------------------------------------------------------------------
+
+ENVIRONMENT = {"convspec", "git_commit", "torch", "numpy", "python", "cpu", "cpu_count",
+               "torch_threads", "cuda"}
+
+
+def check_fields(obj: dict, required: Iterable[str], optional: Iterable[str], where: str) -> dict:
+    """``obj`` itself, after checking that it has every ``required`` key and no key outside
+    ``required`` and ``optional``."""
+    if not isinstance(obj, dict):
+        raise SchemaError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    required, optional = set(required), set(optional)
+    missing = sorted(required - obj.keys())
+    unknown = sorted(obj.keys() - required - optional)
+    if missing:
+        raise SchemaError(f"{where}: missing field(s) {missing}")
+    if unknown:
+        raise SchemaError(
+            f"{where}: field(s) {unknown} unknown to {COMMAND}; teach it these fields (render "
+            "them or list them as known) so that the README shows what the benchmark records")
+    return obj
+
+
+def load_results(results_dir: Path) -> Dict[str, dict]:
+    """Every ``*.json`` of ``results_dir`` by benchmark name, each checked against its schema."""
+    files = sorted(results_dir.glob("*.json"))
+    if not files:
+        raise SchemaError(f"{results_dir}: no results (*.json)")
+    records = {}
+    for path in files:
+        record = json.loads(path.read_text())
+        name = record.get("benchmark") if isinstance(record, dict) else None
+        if name not in SCHEMAS:
+            raise SchemaError(f"{path}: benchmark {name!r} is unknown to {COMMAND} "
+                              f"(known: {sorted(SCHEMAS)})")
+        if path.stem != name:
+            raise SchemaError(f"{path}: holds benchmark {name!r}; expected {name}.json")
+        SCHEMAS[name](record, str(path))
+        records[name] = record
+    missing = sorted(set(SCHEMAS) - records.keys())
+    if missing:
+        raise SchemaError(f"{results_dir}: no results for {missing}")
+    return records
+
+
+def check_penalty(record: dict, where: str) -> None:
+    check_fields(record, {"benchmark", "dtype", "rows", "environment"}, set(), where)
+    check_fields(record["environment"], ENVIRONMENT, set(), f"{where}: environment")
+    for i, row in enumerate(record["rows"]):
+        check_fields(row, {"case", "baseline", "baseline_s", "exact_s", "ratio", "target", "met"},
+                     {"rel_diff_float64"}, f"{where}: rows[{i}]")
+        penalty_kind(row)
+
+
+def check_spectrum(record: dict, where: str) -> None:
+    check_fields(record, {"benchmark", "dtype", "rows", "environment"}, {"note"}, where)
+    check_fields(record["environment"], ENVIRONMENT, set(), f"{where}: environment")
+    for i, row in enumerate(record["rows"]):
+        check_fields(
+            row, {"case", "route", "baseline", "baseline_s", "route_s", "ratio", "n_products",
+                  "target", "met"},
+            set(SPECTRUM_AGREEMENT) | {
+                "n_solves", "converged", "sigma_max", "sigma_min", "n_values", "bound",
+                "bound_s", "bound_over_sigma_max", "reference_tol_1e10", "reference_s",
+                "reference_products"},
+            f"{where}: rows[{i}]")
+
+
+SVB_METHODS = ("convspec.svb_", "naive float32", "naive float64")
+
+
+def check_svb(record: dict, where: str) -> None:
+    check_fields(record, {"benchmark", "eps", "repeats", "rows", "target", "environment"}, set(),
+                 where)
+    check_fields(record["environment"], ENVIRONMENT, set(), f"{where}: environment")
+    for i, row in enumerate(record["rows"]):
+        w = f"{where}: rows[{i}]"
+        check_fields(row, {"model", "weight_layers", "parameters", "values_clipped",
+                           "values_total", "routes", "seconds", "speedup_vs_naive_float32",
+                           "speedup_vs_naive_float64", "max_rel_err_in_float32_eps"}, set(), w)
+        check_fields(row["seconds"], SVB_METHODS, set(), f"{w}: seconds")
+        check_fields(row["max_rel_err_in_float32_eps"], SVB_METHODS, set(),
+                     f"{w}: max_rel_err_in_float32_eps")
+
+
+SCHEMAS: Dict[str, Callable[[dict, str], None]] = {
+    "penalty": check_penalty, "spectrum": check_spectrum, "svb": check_svb,
+}
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+def sig(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant figures, trailing zeros kept (``1.00``, ``5690``,
+    ``0.000557``); an exponent (``6.8e4``) only outside [1e-4, 1e5)."""
+    if x == 0:
+        return "0"
+    x = float(f"{x:.{digits - 1}e}")  # rounded first, so that 0.99996 counts as 1.00
+    e = math.floor(math.log10(abs(x)))
+    if not -4 <= e < 5:
+        return exp(x, digits)
+    return f"{x:.{max(digits - 1 - e, 0)}f}"
+
+
+def exp(x: float, digits: int = 1) -> str:
+    """``x`` as ``4e-16`` / ``3.4e-8`` / ``6.8e4``: no ``+`` and no leading zero in the exponent."""
+    if x == 0:
+        return "0"
+    mantissa, e = f"{x:.{digits - 1}e}".split("e")
+    return f"{mantissa}e{int(e)}"
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def machine(env: dict, note: Optional[str] = None) -> str:
+    """One line naming the machine and code a results file was measured on."""
+    commit = env["git_commit"] or "unknown"
+    short = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+    gpu = "no GPU" if env["cuda"] is None else f"CUDA {env['cuda']}"
+    threads = f"{env['torch_threads']} torch thread" + ("s" if env["torch_threads"] != 1 else "")
+    line = (f"Measured on {env['cpu']}, {env['cpu_count']} cores, {threads}, {gpu}; "
+            f"torch {env['torch']}, convspec {env['convspec']} at {short}.")
+    return line + (f" Note: {note}" if note else "")
+
+
+# --- the Benchmarks section ----------------------------------------------------------------
+
+def penalty_kind(row: dict) -> tuple:
+    """``(layer, kind)`` of a penalty row: ``'Conv2d'`` unless the case starts with a layer name
+    (``'Conv1d: ...'``); ``kind`` from the baseline: ``dense``, ``flat`` or ``interior``."""
+    m = re.fullmatch(r"(?:(Conv[123]d): )?(.*)", row["case"])
+    layer = m.group(1) or "Conv2d"
+    if row["baseline"] == "dense":
+        kind = "dense"
+    elif row["baseline"] == "interior-only":
+        kind = "interior"
+    elif row["baseline"].startswith("exact N="):
+        kind = "flat"
+    else:
+        raise SchemaError(f"penalty row {row['case']!r}: baseline {row['baseline']!r} is "
+                          f"unknown to {COMMAND}")
+    return layer, kind
+
+
+def penalty_block(record: dict) -> str:
+    rows = []
+    for r in record["rows"]:
+        _, kind = penalty_kind(r)
+        ratio = f"{sig(r['ratio'])}x faster" if kind == "dense" else sig(r["ratio"])
+        agree = exp(r["rel_diff_float64"]) if "rel_diff_float64" in r else ""
+        rows.append([r["case"], f"{sig(r['baseline_s'])} ({r['baseline']})", sig(r["exact_s"]),
+                     ratio, r["target"], yes(r["met"]), agree])
+    header = ["case", "baseline (s)", "exact (s)", "ratio", "target", "met",
+              "rel. diff vs dense (float64)"]
+    return table(header, rows) + "\n\n" + machine(record["environment"])
+
+
+SPECTRUM_AGREEMENT = ("rel_diff_sigma_max", "rel_diff_sigma_min", "max_abs_diff_over_sigma_max",
+                      "rel_diff_sum_of_squares", "rel_diff_sigma_max_vs_iterative",
+                      "rel_diff_vs_reference")
+
+
+def spectrum_block(record: dict) -> str:
+    rows = []
+    for r in record["rows"]:
+        base = "n/a" if r["baseline_s"] is None else sig(r["baseline_s"], 4)
+        ratio = "n/a" if r["ratio"] is None else (
+            f"{exp(r['ratio'], 2)}x" if r["ratio"] >= 1e4 else f"{sig(r['ratio'])}x")
+        products = str(r["n_products"])
+        if "n_solves" in r:
+            products += f" + {r['n_solves']} solves"
+        if r.get("converged") is False:
+            products += " (not converged)"
+        diffs = [r[k] for k in SPECTRUM_AGREEMENT if k in r]
+        agree = exp(max(diffs), 2) if diffs else "n/a"
+        rows.append([r["case"], f"{base} ({r['baseline']})", f"{sig(r['route_s'])} ({r['route']})",
+                     ratio, products, agree, r["target"], yes(r["met"])])
+    header = ["case", "dense baseline (s)", "convspec (s)", "ratio", "operator products",
+              "agreement (rel.)", "target", "met"]
+    return table(header, rows) + "\n\n" + machine(record["environment"], record.get("note"))
+
+
+def svb_block(record: dict) -> str:
+    rows = []
+    for r in record["rows"]:
+        s, err = r["seconds"], r["max_rel_err_in_float32_eps"]
+        rows.append([
+            r["model"], str(r["weight_layers"]), ", ".join(r["routes"]),
+            f"{r['values_clipped']} / {r['values_total']}",
+            sig(s["convspec.svb_"]), sig(s["naive float32"]), sig(s["naive float64"]),
+            f"{sig(r['speedup_vs_naive_float32'], 2)}x / {sig(r['speedup_vs_naive_float64'], 2)}x",
+            f"{sig(err['convspec.svb_'], 2)} / {sig(err['naive float32'], 2)}",
+        ])
+    header = ["model", "weight layers", "route", "values clipped", "`svb_` (s)",
+              "naive float32 loop (s)", "naive float64 loop (s)",
+              "speedup vs float32 / float64", "max error in float32 eps: `svb_` / float32 loop"]
+    return (table(header, rows) + f"\n\neps = {record['eps']}, median of {record['repeats']}; "
+            f"target: {record['target']}.\n" + machine(record["environment"]))
+
+
+# --- the first screen ----------------------------------------------------------------------
+
+def only(items: Iterable, what: str):
+    """The one element of ``items`` (a list of rows or a set of values)."""
+    items = list(items)
+    if len(items) != 1:
+        raise SchemaError(f"first-screen table: expected one {what}, found {len(items)}")
+    return items[0]
+
+
+def per_row(cells: Iterable[str]) -> str:
+    """``'a / b'``, or ``'a'`` when every row says the same."""
+    cells = list(cells)
+    return cells[0] if len(set(cells)) == 1 else " / ".join(cells)
+
+
+def at_most(target: str) -> str:
+    """``'<= 1.2'`` -> ``'1.2'``."""
+    m = re.fullmatch(r"<= (\S+)", target)
+    if m is None:
+        raise SchemaError(f"first-screen table: target {target!r} is not '<= X'")
+    return m.group(1)
+
+
+def spaced(params: str) -> str:
+    """``'g=h=16, N=16'`` -> ``'g = h = 16, N = 16'``."""
+    return params.replace("=", " = ")
+
+
+def row_by_case(record: dict, case: str) -> dict:
+    rows = [r for r in record["rows"] if r.get("case", r.get("model")) == case]
+    if len(rows) != 1:
+        raise SchemaError(f"first-screen table: {record['benchmark']}.json has {len(rows)} rows "
+                          f"{case!r}, expected one; update first_screen_block in {COMMAND}")
+    return rows[0]
+
+
+def first_screen_block(records: Dict[str, dict], records_dir: Path) -> str:
+    pen = records["penalty"]["rows"]
+
+    def by(layer: str, kind: str) -> List[dict]:
+        return [r for r in pen if penalty_kind(r) == (layer, kind)]
+
+    rows = []
+
+    d = only(by("Conv2d", "dense"), "Conv2d dense penalty row")
+    rows.append([
+        f"exact penalty + gradient vs the dense operator, {spaced(d['case'].split(', ', 1)[1])}",
+        f"**{sig(d['ratio'], 2)}x** faster ({sig(d['exact_s'] * 1e3, 2)} ms vs "
+        f"{sig(d['baseline_s'], 2)} s), equal to {exp(d['rel_diff_float64'])}",
+        f"{d['target']}x"])
+    f = only(by("Conv2d", "flat"), "Conv2d flat-in-N penalty row")
+    sizes = re.fullmatch(r"exact (N=\S+ vs N=\S+), .*", f["case"]).group(1)
+    rows.append([f"exact penalty at {spaced(sizes)}", f"**{f['ratio']:.2f}x** (flat in N)",
+                 f"within {at_most(f['target'])}x"])
+    inner = by("Conv2d", "interior")
+    if not inner:
+        raise SchemaError("first-screen table: no interior-only penalty row")
+    widths = " / ".join(re.search(r"g=h=(\d+)", r["case"]).group(1) for r in inner)
+    targets = {r["target"] for r in inner}
+    rows.append([f"exact vs the interior-only penalty, g = h = {widths}, k = 3",
+                 "**" + " / ".join(f"{r['ratio']:.2f}x" for r in inner) + "** the time",
+                 f"within {at_most(only(targets, 'interior-only target'))}x"])
+
+    layers = ("Conv1d", "Conv3d")
+    dense = [only(by(layer, "dense"), f"{layer} dense penalty row") for layer in layers]
+    flat = [only(by(layer, "flat"), f"{layer} flat-in-N penalty row") for layer in layers]
+    rows.append([
+        "Conv1d / Conv3d: exact penalty + gradient vs the dense operator, "
+        + " / ".join(spaced(r["case"].split(", ", 1)[1]) for r in dense),
+        "**" + " / ".join(f"{sig(r['ratio'], 2)}x" for r in dense) + "** faster, equal to "
+        + " / ".join(exp(r["rel_diff_float64"]) for r in dense),
+        per_row(f"{r['target']}x" for r in dense)])
+    rows.append([
+        "Conv1d / Conv3d: exact penalty at "
+        + " / ".join(spaced(re.fullmatch(r".*exact (N=\S+ vs N=\S+), .*", r["case"]).group(1))
+                     for r in flat),
+        "**" + " / ".join(f"{r['ratio']:.2f}x" for r in flat) + "** (flat in N)",
+        per_row(f"within {at_most(r['target'])}x" for r in flat)])
+
+    svb = records["svb"]
+    w = row_by_case(svb, "WRN-28-10")
+    if ">= 5x" not in svb["target"]:
+        raise SchemaError(f"first-screen table: svb target {svb['target']!r} is not '>= 5x'; "
+                          f"update first_screen_block in {COMMAND}")
+    err = w["max_rel_err_in_float32_eps"]
+    rows.append([
+        "one `svb_` pass over WRN-28-10 vs a per-layer `torch.linalg.svd` loop",
+        f"**{sig(w['speedup_vs_naive_float64'], 2)}x** faster than the float64 loop, "
+        f"**{sig(w['speedup_vs_naive_float32'], 2)}x** than the float32 one; "
+        f"{sig(err['convspec.svb_'], 1)} float32-eps from exact "
+        f"(float32 loop: {sig(err['naive float32'], 2)} eps)",
+        ">= 5x at float32 precision"])
+
+    spec = records["spectrum"]
+    z = row_by_case(spec, "zero padding, g=h=16, N=32 (n=16384): sigma_max, sigma_min")
+    agree = max(z[k] for k in SPECTRUM_AGREEMENT if k in z)
+    rows.append([
+        "exact sigma_max and sigma_min, zero padding, g = h = 16, N = 32 (n = 16384), vs dense",
+        f"**{sig(z['ratio'])}x** faster ({sig(z['route_s'], 2)} s vs {sig(z['baseline_s'])} s), "
+        f"{z['n_products']} products + {z['n_solves']} solves, agree to {exp(agree)}",
+        z["target"]])
+    c = row_by_case(spec, "circular, g=h=64, N=32 (n=65536): all singular values")
+    gib = re.search(r"\d+ GiB", c["baseline"])
+    if gib is None:
+        raise SchemaError(f"first-screen table: no memory size in {c['baseline']!r}")
+    rows.append([
+        f"full spectrum, circular padding, g = h = 64, N = 32 ({c['n_values']} values)",
+        f"**{sig(c['route_s'], 2)} s** (dense: ~{c['baseline_s'] / 3600:.0f} h extrapolated, "
+        f"{gib.group(0)})",
+        c["target"]])
+
+    summary = json.loads((records_dir / "fmnist_compare" / "summary.json").read_text())
+    names = {"sgd": "SGD", "svb+bbn": "SVB+BBN", "frobenius": "Frobenius"}
+    cfg = summary["config"]
+    errors = [summary["results"][m]["final_test_error"] for m in summary["methods"]]
+    rows.append([
+        f"ConvNet-20, Fashion-MNIST ({cfg['n_train']} images, {cfg['epochs']} epochs), "
+        f"{len(summary['seeds'])} seeds: test error "
+        + " / ".join(names[m] for m in summary["methods"]),
+        " / ".join(f"{100 * e['mean']:.2f} +/- {100 * e['std']:.2f}" for e in errors) + " %",
+        "[details](#result-sgd-vs-svbbbn-vs-the-frobenius-penalty-on-fashion-mnist)"])
+
+    fig = json.loads((records_dir / "guo_fig41" / "guo_fig41.json").read_text())
+    last_max = [k["sigma_max"][-1] for k in fig["kernels"]]
+    last_min = [k["sigma_min"][-1] for k in fig["kernels"]]
+    steps = {k["iteration"][-1] for k in fig["kernels"]}
+    rows.append([
+        f"Figure 4.1 (Algorithm 3.1, {fig['config']['step_rule']} steps, "
+        f"N = {fig['config']['size']}), {len(fig['kernels'])} kernels",
+        f"sigma_max {min(last_max):.3f}-{max(last_max):.3f}, sigma_min "
+        f"{min(last_min):.3f}-{max(last_min):.3f} at step "
+        f"{only(steps, 'final step')}",
+        "paper: both near 1"])
+
+    envs = [r["environment"] for r in records.values()]
+    envs += [summary["environment"], fig["environment"]]
+    machines = {(e["cpu"], e["cpu_count"], e["cuda"], ".".join(e["torch"].split(".")[:2]))
+                for e in envs}
+    if len(machines) == 1 and next(iter(machines))[2] is None:
+        cpu, cores, _, torch_version = next(iter(machines))
+        head = f"measured on {cores} CPU cores ({cpu}), torch {torch_version}"
+    else:
+        head = "measured on the machines named in [Benchmarks](#benchmarks)"
+    return table([head, "result", "target"], rows)
+
+
+BLOCKS = {
+    "results": lambda records, records_dir: first_screen_block(records, records_dir),
+    "penalty": lambda records, records_dir: penalty_block(records["penalty"]),
+    "spectrum": lambda records, records_dir: spectrum_block(records["spectrum"]),
+    "svb": lambda records, records_dir: svb_block(records["svb"]),
+}
+
+
+# --- the README ----------------------------------------------------------------------------
+
+def render(readme: str, records: Dict[str, dict], records_dir: Path = ROOT / "records") -> str:
+    """``readme`` with every generated block rewritten from ``records`` (the benchmark results)
+    and the experiment records in ``records_dir``."""
+    for name, make in BLOCKS.items():
+        start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        pattern = re.compile(re.escape(start) + r"\n.*?" + re.escape(end), flags=re.S)
+        found = pattern.findall(readme)
+        if len(found) != 1:
+            raise SchemaError(f"README: expected one block {start} ... {end}, found {len(found)}")
+        body = make(records, records_dir)
+        readme = pattern.sub(lambda _: f"{start}\n\n{body}\n\n{end}", readme)
+    return readme
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if the README differs from the JSON")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--records", type=Path, default=ROOT / "records",
+                        help="experiment records quoted on the first screen")
+    args = parser.parse_args(argv)
+    try:
+        old = args.readme.read_text()
+        new = render(old, load_results(args.results), args.records)
+    except (SchemaError, OSError, json.JSONDecodeError) as e:
+        print(f"readme_tables: error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"readme_tables: error: a record lacks the field {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if old != new:
+            sys.stdout.writelines(difflib.unified_diff(
+                old.splitlines(True), new.splitlines(True), str(args.readme), "generated"))
+            print(f"readme_tables: {args.readme} differs from {args.results}; run {COMMAND}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if old != new:
+        args.readme.write_text(new)
+        print(f"rewrote the benchmark tables of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

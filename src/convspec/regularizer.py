@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 from functools import reduce
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ._geometry import (
-    CONV_TYPES, TRANSPOSED_TYPES, check_real, check_weight, check_weight_dtype, conv_geometry,
-    geometry_of, is_conv,
+    CONV_TYPES, TRANSPOSED_TYPES, check_finite, check_real, check_weight, check_weight_dtype,
+    conv_geometry, geometry_of, is_conv,
 )
-from ._precision import to_weight_dtype
-from .penalty import _frobenius_value
+from ._precision import compute_dtype, no_autocast, to_weight_dtype
+from .penalty import _constants, _frobenius_value, _GramSquaredNorm
 
 #: Module attribute where the forward pre-hook records the input sizes a convolution has seen.
 SIZES_ATTR = "_convspec_input_sizes"
@@ -46,6 +48,74 @@ def record_input_size(module: nn.Module, args) -> None:
         module.__dict__[SIZES_ATTR] = sizes
     if size not in sizes:
         sizes[size] = None
+
+
+# Note [batched penalty]: a training step calls the regularizer once, so its Python overhead
+# counts as much as its arithmetic for small layers. Everything that depends only on the layers'
+# shapes, geometries and recorded input sizes (validation, ``geometry_of``, the constants V and
+# D of Note [structure of M]) is computed once into a ``_Plan`` and reused while the
+# ``_signature`` of the model is unchanged (a new input size, ``reset_sizes``, a changed weight
+# shape, dtype, device or hyperparameter gives a new signature and a new plan). Layers whose
+# Gram problems are identical up to the weight (same side, axes, channel counts, compute dtype
+# and device) form one group: their rows are concatenated along the leading dimension of
+# ``_GramSquaredNorm`` (which already sums over conv groups), so a ResNet stage costs one batched
+# GEMM instead of one per layer. The rows are taken on the input side whenever the two sides
+# cost the same (``h / groups >= g / groups``): rows ``(g, P)`` are then a transposed *view* of the
+# weight, with no copy. The plan holds modules (which the regularizer holds anyway) and
+# geometry constants, never a weight, so nothing in it goes stale when a weight is replaced and
+# nothing refers back from the model.
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One layer (at one input size) of a :class:`_Group`."""
+
+    name: str
+    module: nn.Module
+    linear: bool
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Layers sharing one batched ``_GramSquaredNorm``; ``offset`` is ``alpha^2 sum g N``."""
+
+    members: Tuple[_Member, ...]
+    side: str
+    groups: Tuple[int, ...]
+    c: int
+    kk: int
+    v: torch.Tensor
+    d: torch.Tensor
+    offset: float
+    scale: float
+
+
+def _rows(weight: torch.Tensor, groups: int, side: str) -> torch.Tensor:
+    """Rows ``(c, P)`` of the Gram of ``weight`` (``(h, g / groups, *k)``): ``(groups, c K, n)``."""
+    h, gg = weight.shape[:2]
+    kk = weight[0, 0].numel()
+    w = weight.reshape(groups, h // groups, gg * kk)
+    if side == "in":
+        return w.transpose(1, 2)  # (G, g K, h / G), a view
+    return w.view(groups, h // groups, gg, kk).transpose(2, 3).reshape(groups, -1, gg)
+
+
+def _signature(reg: "FrobeniusRegularizer") -> tuple:
+    """What the plan depends on, read cheaply from the modules (Note [batched penalty])."""
+    out = [reg.alpha, reg.normalize]
+    for conv in reg.convs.values():
+        w = conv.weight
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            return None  # never matches: the plan is built (and raises) on every call
+        out.append((tuple(conv.__dict__.get(SIZES_ATTR, ())), tuple(w.shape), w.dtype, w.device,
+                    conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
+                    getattr(conv, "output_padding", None)))
+    for lin in reg.linears.values():
+        w = lin.weight
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            return None
+        out.append((tuple(w.shape), w.dtype, w.device))
+    return tuple(out)
 
 
 class FrobeniusRegularizer:
@@ -118,6 +188,7 @@ class FrobeniusRegularizer:
             conv.__dict__.setdefault(SIZES_ATTR, {})
             self._hooks.append(conv.register_forward_pre_hook(record_input_size))
         self._warned_many: set = set()
+        self._plan: Optional[Tuple[tuple, Tuple[_Group, ...]]] = None
 
     @property
     def input_sizes(self) -> Dict[str, List[Tuple[int, ...]]]:
@@ -132,21 +203,9 @@ class FrobeniusRegularizer:
     def _terms(self) -> Dict[str, Tuple[torch.Tensor, torch.dtype]]:
         """Per layer: the term in float32 or better (autocast off) and its weight's dtype."""
         sizes = self.input_sizes
-        missing = [n for n in self.convs if not sizes[n]]
-        if missing:
-            raise RuntimeError(
-                f"no input size recorded for conv layer(s) {missing[:3]}: run a forward pass "
-                "of the model before computing the penalty"
-            )
+        self._check_sizes(sizes, stacklevel=4)
         out: Dict[str, Tuple[torch.Tensor, torch.dtype]] = {}
         for name, conv in self.convs.items():
-            if len(sizes[name]) > MANY_SIZES and name not in self._warned_many:
-                self._warned_many.add(name)
-                warnings.warn(
-                    f"FrobeniusRegularizer: layer {name!r} has seen {len(sizes[name])} input "
-                    "sizes and is penalised at each; call reset_sizes() to forget them",
-                    stacklevel=3,
-                )
             check_weight(conv.weight, f"layer {name!r}: weight")
             total = None
             for size in sizes[name]:
@@ -173,12 +232,87 @@ class FrobeniusRegularizer:
             for name, (term, dtype) in self._terms().items()
         }
 
+    def _check_sizes(self, sizes: Dict[str, List[Tuple[int, ...]]], stacklevel: int) -> None:
+        missing = [n for n in self.convs if not sizes[n]]
+        if missing:
+            raise RuntimeError(
+                f"no input size recorded for conv layer(s) {missing[:3]}: run a forward pass "
+                "of the model before computing the penalty"
+            )
+        for name in self.convs:
+            if len(sizes[name]) > MANY_SIZES and name not in self._warned_many:
+                self._warned_many.add(name)
+                warnings.warn(
+                    f"FrobeniusRegularizer: layer {name!r} has seen {len(sizes[name])} input "
+                    "sizes and is penalised at each; call reset_sizes() to forget them",
+                    stacklevel=stacklevel,
+                )
+
+    def _build_plan(self) -> Tuple[_Group, ...]:
+        """The groups of Note [batched penalty], from the current layers and sizes."""
+        sizes = self.input_sizes
+        self._check_sizes(sizes, stacklevel=6)
+        problems: Dict[tuple, list] = {}
+        layers = [(n, m, False, geometry_of(m, s)) for n, m in self.convs.items()
+                  for s in sizes[n]]
+        for name, lin in self.linears.items():
+            w = lin.weight
+            layers.append((name, lin, True, conv_geometry((w.shape[0], w.shape[1], 1), 1)))
+        for name, module, linear, geom in layers:
+            w = module.weight
+            check_weight_dtype(w, f"layer {name!r}: weight")
+            h, gg = w.shape[:2]
+            hg = h // geom.groups
+            side = "in" if hg >= gg else "out"
+            dtype = compute_dtype(w.dtype)
+            n_in = geom.layer_n_in
+            key = (side, geom.axes, hg, gg, dtype, w.device, n_in if self.normalize else None)
+            problems.setdefault(key, []).append((_Member(name, module, linear), geom.groups, n_in))
+        groups = []
+        for (side, axes, hg, gg, dtype, device, _), entries in problems.items():
+            v, d = _constants(axes, side, dtype, device)
+            n_in = entries[0][2]
+            # (lists, not generator expressions: Dynamo traces this under torch.compile)
+            groups.append(_Group(
+                members=tuple([e[0] for e in entries]), side=side,
+                groups=tuple([e[1] for e in entries]), c=gg if side == "in" else hg,
+                kk=math.prod([ax.kernel for ax in axes]), v=v, d=d,
+                offset=self.alpha**2 * sum([e[2] for e in entries]),
+                scale=1.0 / n_in if self.normalize else 1.0,
+            ))
+        return tuple(groups)
+
+    def _groups(self) -> Tuple[_Group, ...]:
+        """The cached plan, rebuilt when the signature changes (Note [batched penalty])."""
+        if torch.compiler.is_compiling():
+            return self._build_plan()  # traced once into the graph; nothing to cache
+        signature = _signature(self)
+        if self._plan is None or self._plan[0] != signature or signature is None:
+            self._plan = None
+            self._plan = (signature, self._build_plan())
+        return self._plan[1]
+
     def __call__(self) -> torch.Tensor:
         """The sum of all terms (differentiable), accumulated in float32 or better and rounded
         once to the promoted dtype of the weights."""
-        terms = self._terms().values()
-        total = sum(term for term, _ in terms)
-        dtype = reduce(torch.promote_types, (dtype for _, dtype in terms))
+        total = None
+        dtype = None
+        for group in self._groups():
+            weights = [m.module.weight for m in group.members]
+            dtype = reduce(torch.promote_types, (w.dtype for w in weights),
+                           dtype or weights[0].dtype)
+            with no_autocast(weights[0].device):
+                rows = [_rows(w.to(group.v.dtype), g, group.side)
+                        for w, g in zip(weights, group.groups)]
+                a = rows[0] if len(rows) == 1 else torch.cat(rows)
+                if not torch.compiler.is_compiling() and not torch.isfinite(a).all():
+                    for m, w in zip(group.members, weights):
+                        check_finite(w, f"layer {m.name!r}: weight")
+                gram_sq, fro_sq = _GramSquaredNorm.apply(a, group.v, group.d, group.c, group.kk)
+                term = gram_sq - 2 * self.alpha * fro_sq + group.offset
+                if group.scale != 1.0:
+                    term = term * group.scale
+            total = term if total is None else total + term
         return to_weight_dtype(total, dtype, "FrobeniusRegularizer")
 
     def remove(self) -> None:

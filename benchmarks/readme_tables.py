@@ -4,7 +4,7 @@ Run: ``python benchmarks/readme_tables.py [--check] [--readme README.md] [--resu
 
 The README holds generated blocks between marker comments, ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->``: ``results`` (the results table on the first screen), ``penalty``,
-``spectrum`` and ``svb`` (the tables of the Benchmarks section, one per JSON file). Without
+``spectrum``, ``svb`` and ``regularizer`` (the tables of the Benchmarks section, one per JSON file). Without
 ``--check`` the blocks are rewritten in place; with it nothing is written and the exit status is
 1 when the README differs from what the JSON gives (a diff is printed). Prose outside the blocks
 is not touched.
@@ -122,8 +122,21 @@ def check_svb(record: dict, where: str) -> None:
                      f"{w}: max_rel_err_in_float32_eps")
 
 
+REGULARIZER_ROW = {"model", "input", "batch", "layers", "repeats", "step_s", "regularizer_s",
+                   "per_layer_s", "regularizer_percent", "per_layer_percent",
+                   "rel_diff_per_layer", "met"}
+
+
+def check_regularizer(record: dict, where: str) -> None:
+    check_fields(record, {"benchmark", "dtype", "target", "rows", "environment"}, set(), where)
+    check_fields(record["environment"], ENVIRONMENT, set(), f"{where}: environment")
+    for i, row in enumerate(record["rows"]):
+        check_fields(row, REGULARIZER_ROW, set(), f"{where}: rows[{i}]")
+
+
 SCHEMAS: Dict[str, Callable[[dict, str], None]] = {
     "penalty": check_penalty, "spectrum": check_spectrum, "svb": check_svb,
+    "regularizer": check_regularizer,
 }
 
 
@@ -243,6 +256,19 @@ def svb_block(record: dict) -> str:
               "speedup vs float32 / float64", "max error in float32 eps: `svb_` / float32 loop"]
     return (table(header, rows) + f"\n\neps = {record['eps']}, median of {record['repeats']}; "
             f"target: {record['target']}.\n" + machine(record["environment"]))
+
+
+def regularizer_block(record: dict) -> str:
+    rows = [[r["model"], r["input"], str(r["batch"]), str(r["layers"]),
+             sig(r["step_s"] * 1e3), sig(r["regularizer_s"] * 1e3),
+             f"{sig(r['regularizer_percent'], 2)}%", sig(r["per_layer_s"] * 1e3),
+             f"{sig(r['per_layer_percent'], 2)}%", exp(r["rel_diff_per_layer"]), yes(r["met"])]
+            for r in record["rows"]]
+    header = ["model", "input", "batch", "layers", "step (ms)", "`reg()` fwd+bwd (ms)",
+              "share of step", "per-layer terms (ms)", "share", "rel. diff", "met"]
+    repeats = only((r["repeats"] for r in record["rows"]), "repeats")
+    return (table(header, rows) + f"\n\n{record['dtype']}, median of {repeats} interleaved "
+            f"repeats; target: {record['target']}.\n" + machine(record["environment"]))
 
 
 # --- the first screen ----------------------------------------------------------------------
@@ -397,6 +423,7 @@ BLOCKS = {
     "penalty": lambda records, records_dir: penalty_block(records["penalty"]),
     "spectrum": lambda records, records_dir: spectrum_block(records["spectrum"]),
     "svb": lambda records, records_dir: svb_block(records["svb"]),
+    "regularizer": lambda records, records_dir: regularizer_block(records["regularizer"]),
 }
 
 

@@ -33,7 +33,7 @@ def test_readme_tables_match_the_results():
 
 def test_every_block_is_in_the_readme_once():
     readme = (ROOT / "README.md").read_text()
-    for name in ("results", "penalty", "spectrum", "svb"):
+    for name in ("results", "penalty", "spectrum", "svb", "regularizer"):
         assert readme.count(f"<!-- bench:{name} -->") == 1
         assert readme.count(f"<!-- /bench:{name} -->") == 1
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import convspec
+import convspec.regularizer
 from convspec.regularizer import MANY_SIZES
 
 from _dense import dense_penalty
@@ -125,3 +126,89 @@ def test_autocast_bfloat16_forward_and_backward():
     ref = convspec.frobenius_penalty(model[0], 4)
     assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
     assert float(reg()) == pytest.approx(float(ref), rel=1e-6)
+
+
+def _mixed_model():
+    """Repeated equal layers (batched together), groups, a transposed layer, both Gram sides."""
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1),
+        nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1, padding_mode="circular"),
+        nn.Conv2d(6, 4, 3, padding=1, groups=2), nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.ConvTranspose2d(4, 4, 2, stride=2), nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        nn.Flatten(), nn.Linear(8 * 5 * 5, 7), nn.Linear(7, 7), nn.Linear(7, 7),
+    ).double()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("concatenate", [False, True])
+def test_batched_sum_matches_per_layer_and_dense(normalize, concatenate, monkeypatch):
+    model = _mixed_model()
+    # concatenate=True: the one-GEMM-per-group route of accelerators, run on the CPU.
+    monkeypatch.setattr(convspec.regularizer, "_concatenate", lambda device: concatenate)
+    reg = convspec.FrobeniusRegularizer(model, 0.7, normalize=normalize)
+    model(torch.randn(2, 2, 5, 5, dtype=torch.float64))
+    model[0](torch.randn(1, 2, 4, 6, dtype=torch.float64))  # a second size for one layer
+    total = reg()
+    assert any(len(g.members) > 1 for g in reg._plan[1])
+    dense = 0.0
+    for name, conv in reg.convs.items():
+        for size in reg.input_sizes[name]:
+            term = dense_penalty(conv, size, 0.7)
+            n_in = conv.weight.shape[1] * conv.groups * torch.Size(size).numel() \
+                if not isinstance(conv, nn.ConvTranspose2d) else \
+                conv.weight.shape[0] * torch.Size(size).numel()
+            dense += term / n_in if normalize else term
+    for lin in reg.linears.values():
+        w = lin.weight.detach()
+        term = float((w.T @ w - 0.7 * torch.eye(w.shape[1], dtype=w.dtype)).square().sum())
+        dense += term / w.shape[1] if normalize else term
+    assert float(total) == pytest.approx(dense, rel=1e-10)
+    assert float(total) == pytest.approx(float(sum(reg.penalties().values())), rel=1e-12)
+    total.backward()
+    weights = [m.weight for m in model if hasattr(m, "weight")]
+    grads = [w.grad.clone() for w in weights]
+    model.zero_grad()
+    sum(reg.penalties().values()).backward()
+    for w, g in zip(weights, grads):
+        assert torch.allclose(w.grad, g, rtol=1e-10, atol=1e-12)
+
+
+def test_plan_is_reused_and_rebuilt_when_sizes_or_weights_change():
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    reg = convspec.FrobeniusRegularizer(conv)
+    conv(torch.zeros(1, 2, 8, 8, dtype=torch.float64))
+    first = float(reg())
+    plan = reg._plan
+    assert float(reg()) == first and reg._plan is plan  # reused
+    conv(torch.zeros(1, 2, 6, 6, dtype=torch.float64))  # a new size: a new plan
+    assert float(reg()) == pytest.approx(dense_penalty(conv, 8) + dense_penalty(conv, 6), rel=1e-10)
+    assert reg._plan is not plan
+    reg.reset_sizes()
+    with pytest.raises(RuntimeError, match="forward pass"):
+        reg()
+    conv(torch.zeros(1, 2, 5, 5, dtype=torch.float64))
+    assert float(reg()) == pytest.approx(dense_penalty(conv, 5), rel=1e-10)
+    conv.weight = nn.Parameter(torch.randn(3, 2, 3, 3, dtype=torch.float64))  # a new weight
+    assert float(reg()) == pytest.approx(dense_penalty(conv, 5), rel=1e-10)
+    conv.padding = (0, 0)  # a changed geometry
+    assert float(reg()) == pytest.approx(dense_penalty(conv, 5), rel=1e-10)
+    reg.alpha = 0.3
+    assert float(reg()) == pytest.approx(dense_penalty(conv, 5, 0.3), rel=1e-10)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer ''"):
+        reg()
+
+
+def test_the_plan_holds_no_weight_and_the_model_still_copies():
+    model = _mixed_model()
+    reg = convspec.FrobeniusRegularizer(model)
+    model(torch.randn(2, 2, 5, 5, dtype=torch.float64))
+    reg().backward()
+    weights = {id(p) for p in model.parameters()}
+    for group in reg._plan[1]:
+        assert id(group.v) not in weights and id(group.d) not in weights
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    ema = copy.deepcopy(model)
+    assert float(convspec.FrobeniusRegularizer(ema)()) == pytest.approx(float(reg()), rel=1e-12)

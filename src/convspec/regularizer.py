@@ -59,7 +59,9 @@ def record_input_size(module: nn.Module, args) -> None:
 # Gram problems are identical up to the weight (same side, axes, channel counts, compute dtype
 # and device) form one group: their rows are concatenated along the leading dimension of
 # ``_GramSquaredNorm`` (which already sums over conv groups), so a ResNet stage costs one batched
-# GEMM instead of one per layer. The rows are taken on the input side whenever the two sides
+# GEMM instead of one per layer (on an accelerator: on the CPU the concatenated Gram outgrows
+# the cache, measured slower than a loop over the group, which then shares only the plan).
+# The rows are taken on the input side whenever the two sides
 # cost the same (``h / groups >= g / groups``): rows ``(g, P)`` are then a transposed *view* of the
 # weight, with no copy. The plan holds modules (which the regularizer holds anyway) and
 # geometry constants, never a weight, so nothing in it goes stale when a weight is replaced and
@@ -98,6 +100,11 @@ def _rows(weight: torch.Tensor, groups: int, side: str) -> torch.Tensor:
     if side == "in":
         return w.transpose(1, 2)  # (G, g K, h / G), a view
     return w.view(groups, h // groups, gg, kk).transpose(2, 3).reshape(groups, -1, gg)
+
+
+def _concatenate(device: torch.device) -> bool:
+    """Whether a group's layers share one GEMM on ``device`` (Note [batched penalty])."""
+    return device.type != "cpu"
 
 
 def _signature(reg: "FrobeniusRegularizer") -> tuple:
@@ -306,7 +313,7 @@ class FrobeniusRegularizer:
                         for w, g in zip(weights, group.groups)]
                 # Note [batched penalty]: one GEMM per group on an accelerator; on the CPU the
                 # concatenated Gram of a group outgrows the cache and runs slower than a loop.
-                if rows[0].device.type != "cpu" and len(rows) > 1:
+                if len(rows) > 1 and _concatenate(rows[0].device):
                     rows = [torch.cat(rows)]
                 if not torch.compiler.is_compiling():
                     for a in rows:

@@ -266,7 +266,7 @@ def regularizer_block(record: dict) -> str:
             for r in record["rows"]]
     header = ["model", "input", "batch", "layers", "step (ms)", "`reg()` fwd+bwd (ms)",
               "share of step", "per-layer terms (ms)", "share", "rel. diff", "met"]
-    repeats = only((r["repeats"] for r in record["rows"]), "repeats")
+    repeats = ", ".join(sorted({str(r["repeats"]) for r in record["rows"]}))
     return (table(header, rows) + f"\n\n{record['dtype']}, median of {repeats} interleaved "
             f"repeats; target: {record['target']}.\n" + machine(record["environment"]))
 

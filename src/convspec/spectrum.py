@@ -284,7 +284,7 @@ def _phases(ax: AxisGeometry, size: int, stride: int) -> Tuple[torch.Tensor, np.
 def _transfer_plan(
     weight: torch.Tensor, axes: Tuple[AxisGeometry, AxisGeometry], half: bool, chunk_bytes: int,
 ) -> Tuple[int, int, int, int]:
-    """``(n1, n2, c1, c2)``: frequencies per axis and the chunk sizes of :func:`_transfer_chunks`."""
+    """``(n1, n2, c1, c2)``: frequencies per axis and chunk sizes of :func:`_transfer_chunks`."""
     G, hg, gg, k1, _ = weight.shape
     a, b = axes
     n1, n2 = a.size // a.stride, b.size // b.stride

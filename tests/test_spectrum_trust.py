@@ -7,7 +7,6 @@ its stated interval ``[sigma_max, sigma_max + sigma_max_error]`` /
 ``[sigma_min - sigma_min_error, sigma_min]``, up to the dense SVD's own rounding.
 """
 
-import math
 import random
 import warnings
 
@@ -123,7 +122,6 @@ def test_random_small_operators_iterative_vs_dense(i):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_small_operators_all_routes_agree(seed):
-    shape, n, kw = FAMILY[seed]
     rng = random.Random(seed)
     for shape, n, kw in rng.sample(FAMILY, 8):
         w = rand(shape, seed=seed)

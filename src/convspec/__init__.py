@@ -65,6 +65,7 @@ from .spectrum import (
     extreme_singular_values,
 )
 from .report import LayerSpectrum, spectrum_report
+from . import linalg  # eigensolvers on operator callbacks (convspec.linalg.lanczos_largest, ...)
 
 __all__ = [
     "ConvGeometry",
@@ -81,6 +82,7 @@ __all__ = [
     "conv_spectral_norm_bound",
     "LayerSpectrum",
     "spectrum_report",
+    "linalg",
     "DescentResult",
     "paper_step_size",
     "penalty_descent",

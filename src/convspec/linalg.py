@@ -246,12 +246,15 @@ def _thick_restart(
                 # residual says (a cluster at the top: the residual bounds the distance to *an*
                 # eigenvalue of the cluster, not to the largest).
                 old = [t for st, t in history if st <= steps - settle and len(t) == k]
-                moved = (theta[:k] - torch.tensor(old[-1], dtype=theta.dtype)).abs() if old else None
-                ready = moved is not None and bool((moved <= floor_k).all())
+                if old:
+                    moved = (theta[:k] - torch.tensor(old[-1], dtype=theta.dtype)).abs()
+                    ready = bool((moved <= floor_k).all())
+                else:
+                    ready = False
             if ready and active is not None and active < done:
                 # The sequence begun after a breakdown must also have found its top.
                 ta = t[active:, active:]
-                tha, sa = torch.linalg.eigh((ta + ta.T) / 2)
+                _, sa = torch.linalg.eigh((ta + ta.T) / 2)
                 esta = beta * float(sa[-1, -1].abs()) + dropped
                 if esta <= est_tol * max(abs(float(theta[0])), _EPS * scale) or exhausted:
                     active = None
@@ -289,7 +292,8 @@ def _thick_restart(
                 # subspaces; put them first and let the new sequence start after them.
                 b = (0.0 if broke else beta) * s[-1, :keep].abs()
                 closed = b <= BREAKDOWN * scale
-                order = torch.cat([torch.nonzero(closed).flatten(), torch.nonzero(~closed).flatten()])
+                order = torch.cat([torch.nonzero(closed).flatten(),
+                                   torch.nonzero(~closed).flatten()])
                 sk, theta_k = sk[:, order], theta[:keep][order]
                 active = int(closed.sum())
                 if active == 0 and not confirm_first:

@@ -98,7 +98,8 @@ def _add_spectrum_parser(sub) -> None:
         help="per-layer singular values of a model: reshaped kernels vs exact operators",
         description="Run one forward pass to record each convolution's input size, then report the "
         "extreme singular values of every reshaped kernel and of every true convolution operator "
-        "(exact: FFT, dense or converged iterative). Prints a table and writes DIR/spectrum.json, "
+        "(FFT and dense: exact to float64 rounding; iterative: with certified error bounds, "
+        "shown when a layer is not within tol). Prints a table and writes DIR/spectrum.json, "
         "DIR/spectrum_histograms.png (lower, middle, higher layers) and DIR/spectrum_extremes.png.",
     )
     sp.add_argument("model", metavar="MODEL",

@@ -61,6 +61,7 @@ METHOD_LABELS = {"frobenius": "Frobenius (Alg. 3.1)", "spectral": "2-norm (Guo &
 RULE_KINDS = ("paper", "armijo", "constant", "polyak")
 DEFAULT_RULES: Tuple[str, ...] = (
     "paper", "armijo", "constant:1e-3", "constant:1e-2", "constant:1e-1", "polyak:0.5", "polyak:1",
+    "polyak:1.5",
 )
 #: Memory the exact extremes may use (3x3x64x64 at N = 20 needs about 2.1 GiB).
 EXACT_MAX_BYTES = 4 * 1024**3

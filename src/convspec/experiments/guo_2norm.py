@@ -667,7 +667,8 @@ def table(record: dict) -> str:
         f"{cfg['sigma_min_target']:g}; N = {cfg['size']}, zero 'same' padding; "
         f"{len(cfg['seeds'])} seeds per row; iterations and time: mean +/- std over the runs "
         f"that reached the target within {cfg['horizon']} iterations"
-        + (f" ({', '.join(cfg['budget_only'])}: {cfg['budget']})" if cfg["budget_only"] else "")
+        + "".join(f" ({name}: {cfg['budget']})" for name in cfg["budget_only"]
+                  if name in {_shape_name(s) for s in cfg["shapes"]})
         + f"; final values: exact, at "
         f"iteration {cfg['budget']}, mean +/- std over all runs; ratio: 2-norm / Frobenius, "
         f"paired by seed over the seeds where both reached it.",
@@ -720,7 +721,9 @@ def search_table(record: dict) -> str:
 
 def plot(record: dict, path: Path) -> None:
     """Four panels over the kernels: iterations to target, wall time to target, and sigma_max,
-    sigma_min at the budget; one colour per method, one marker per init, one dot per seed."""
+    sigma_min at the budget; one colour per method, one marker per init, one dot per run, the
+    median with the range as a bar (a mean +/- std would leave a log axis where sigma_min spans
+    1e-10 to 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -735,7 +738,7 @@ def plot(record: dict, path: Path) -> None:
         (axes[0, 0], "iterations_to_target", "iterations to target", False,
          "Iterations until sigma_max <= {smax:g} and sigma_min >= {smin:g}"),
         (axes[0, 1], "time_to_target_s", "wall time to target (s)", True,
-         "Wall time until the target (method only, {cores} CPU threads)"),
+         "Wall time until the target (method only, torch threads: {cores})"),
         (axes[1, 0], "final_sigma_max", "sigma_max at iteration {budget}", True,
          "sigma_max(M) after {budget} iterations"),
         (axes[1, 1], "final_sigma_min", "sigma_min at iteration {budget}", True,
@@ -753,17 +756,15 @@ def plot(record: dict, path: Path) -> None:
                     rs = [r for r in record["runs"] if r["method"] == method and r["init"] == init
                           and "x".join(map(str, r["shape"])) == shape]
                     vals = [r[key] for r in rs if r[key] is not None and r[key] > 0]
-                    if key in ("iterations_to_target", "time_to_target_s"):
-                        missed = len(rs) - len(vals)
-                        if missed:
-                            ax.annotate(f"{missed} miss", (x, 1), xycoords=("data", "axes fraction"),
-                                        xytext=(0, -10), textcoords="offset points",
-                                        ha="center", fontsize=7, color=colors[method], rotation=90)
+                    if key in ("iterations_to_target", "time_to_target_s") and len(vals) < len(rs):
+                        ax.annotate(f"{len(rs) - len(vals)} missed", (x, 0.98),
+                                    xycoords=("data", "axes fraction"), ha="center", va="top",
+                                    fontsize=7, color=colors[method], rotation=90)
                     if vals:
                         ax.scatter([x] * len(vals), vals, color=colors[method],
                                    marker=markers[init], s=14, alpha=0.6, linewidths=0)
-                        ax.errorbar([x], [statistics.fmean(vals)],
-                                    yerr=[statistics.stdev(vals) if len(vals) > 1 else 0],
+                        mid = statistics.median(vals)
+                        ax.errorbar([x], [mid], yerr=[[mid - min(vals)], [max(vals) - mid]],
                                     color=colors[method], marker=markers[init], ms=7,
                                     mfc="white", capsize=3, lw=1.2)
         if key == "final_sigma_max":
@@ -772,7 +773,10 @@ def plot(record: dict, path: Path) -> None:
             ax.axhline(cfg["sigma_min_target"], color="gray", ls="--", lw=0.8)
         if logy:
             ax.set_yscale("log")
+        if key in ("iterations_to_target", "time_to_target_s"):
+            ax.margins(y=0.3)  # room for the 'missed' labels at the top
         ax.set_xticks(range(len(shapes)))
+        ax.set_xlim(-0.5, len(shapes) - 0.5)
         ax.set_xticklabels(shapes, fontsize=8)
         ax.set_xlabel("kernel k x k x g x h")
         ax.set_ylabel(ylabel.format(**fmt))
@@ -787,7 +791,8 @@ def plot(record: dict, path: Path) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
                frameon=False)
     fig.suptitle(f"Frobenius vs 2-norm penalty descent, N = {cfg['size']}, zero 'same' padding, "
-                 f"{len(cfg['seeds'])} seeds (mean +/- std; dots: runs)", fontsize=11)
+                 f"{len(cfg['seeds'])} seeds x {len(cfg['inits'])} inits (marker: median, bars: "
+                 "range, dots: runs)", fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -20,6 +20,16 @@ from convspec.experiments.guo_2norm import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The record runs on one thread (Guo2NormConfig.threads); so do these tests. On a loaded
+    # 2-core machine two OpenMP threads make a tiny conv2d ~1000x slower (spinning workers).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _rand(*shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
@@ -164,6 +174,7 @@ def test_command_writes_json_table_and_png(tmp_path, capsys):
     cfg = record["config"]
     assert cfg["size"] == 5 and cfg["seeds"] == [0, 1] and cfg["rules"] == ["armijo", "polyak:1"]
     assert "git_commit" in record["environment"] and record["wall_time_s"] > 0
+    assert record["compute_time_s"] > 0 and record["runs_reused"] == 0
     # The search covers every rule per shape, method, init and search seed.
     assert len(record["search_runs"]) == 2 * 2 * 2 * 2 * 1
     for shape in ("3x3x1x2", "3x3x2x1"):
@@ -177,7 +188,11 @@ def test_command_writes_json_table_and_png(tmp_path, capsys):
             assert r["final_exact"] and r["final_sigma_max"] >= r["final_sigma_min"]
         if r["reached"]:
             assert 0 <= r["iterations_to_target"] <= 12 and r["time_to_target_s"] >= 0
-        assert r["trace"]["iteration"][0] == 0
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 + 16
+    for r in rows:
+        if r["phase"] == "main":
+            assert r["trace"]["iteration"][0] == 0
     assert len(record["summary"]) == 2 * 2
     for e in record["summary"]:
         assert set(e["methods"]) == {"frobenius", "spectral"}
@@ -205,6 +220,7 @@ def test_command_resumes_from_runs_jsonl(tmp_path, monkeypatch):
     assert main(args) == 0
     assert (out / "runs.jsonl").read_text().splitlines() == lines
     again = json.loads((out / "guo_2norm.json").read_text())
+    assert again["runs_reused"] == len(first["runs"]) + len(first["search_runs"])
     assert again["runs"] == first["runs"] and again["summary"] == first["summary"]
 
 

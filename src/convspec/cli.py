@@ -128,7 +128,7 @@ def _add_guo_2norm_parser(rep_sub) -> None:
     g2.add_argument("--out", type=Path, default=Path("out/guo_2norm"), metavar="DIR",
                     help="output folder (default: %(default)s)")
     g2.add_argument("--quick", action="store_true",
-                    help="a small version for a first look (about a minute): the four kernels "
+                    help="a small version for a first look (about 15 s on 2 cores): the four kernels "
                     "of Figure 4.1, fewer seeds, rules and iterations; flags still override it")
     g2.add_argument("--shapes", type=_kernel_shape, nargs="+", metavar="KxKxGxH",
                     help="kernels, k x k x g x h as in the paper (default: "

@@ -531,7 +531,7 @@ def choose_rules(cfg: Guo2NormConfig, search_runs: List[dict]) -> Dict[str, Dict
                     "mean_iterations": statistics.fmean(iters),
                     "mean_violation": statistics.fmean(viol),
                     "mean_time_s": statistics.fmean(r["method_time_s"] for r in rows),
-                    "diverged": sum(bool(r["stopped"]) for r in rows),
+                    "stopped": sum(bool(r["stopped"]) for r in rows),
                 })
             scores.sort(key=lambda s: (s["mean_iterations"], s["mean_violation"],
                                        s["mean_time_s"]))
@@ -643,7 +643,7 @@ def summarize(cfg: Guo2NormConfig, rows: List[dict], chosen: dict) -> List[dict]
                 entry["methods"][method] = {
                     "rule": chosen[name][method]["chosen"],
                     "runs": len(rs), "reached": len(hit),
-                    "diverged": sum(bool(r["stopped"]) for r in rs),
+                    "stopped": sum(bool(r["stopped"]) for r in rs),
                     "iterations_mean": it_m, "iterations_std": it_s,
                     "time_s_mean": tt_m, "time_s_std": tt_s,
                     "final_sigma_max_mean": smax_m, "final_sigma_max_std": smax_s,
@@ -727,9 +727,10 @@ def search_table(record: dict) -> str:
         f"Step-rule search: seeds {cfg['search_seeds']} x inits {cfg['inits']}, up to "
         f"{cfg['search_horizon']} iterations; score = mean iterations to target (a miss counts "
         f"{cfg['search_horizon'] + 1}), then distance to the target at the end (log units, "
-        "power-iteration bounds); chosen rule in bold.",
+        "power-iteration bounds); stopped early: the penalty became non-finite, or Armijo found no "
+        "decrease; chosen rule in bold.",
         "",
-        "| kernel | method | rule | reached | mean iterations | distance | diverged |",
+        "| kernel | method | rule | reached | mean iterations | distance | stopped early |",
         "|---|---|---|---|---|---|---|",
     ]
     for shape, per_method in record["search"].items():
@@ -738,7 +739,7 @@ def search_table(record: dict) -> str:
                 rule = f"**{c['rule']}**" if c["rule"] == s["chosen"] else c["rule"]
                 lines.append(f"| {shape} | {METHOD_LABELS[method]} | {rule} "
                              f"| {c['reached']}/{c['runs']} | {c['mean_iterations']:.1f} "
-                             f"| {c['mean_violation']:.3g} | {c['diverged']} |")
+                             f"| {c['mean_violation']:.3g} | {c['stopped']} |")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ def _name(path, action):
 
 def test_walk_finds_every_subcommand():
     paths = {" ".join(path) for path, _ in _parsers(build_parser())}
-    assert paths == {"", "reproduce", "reproduce guo-fig41", "train", "compare", "plot",
+    assert paths == {"", "reproduce", "reproduce guo-fig41", "reproduce guo-2norm", "train", "compare", "plot",
                      "spectrum"}
     assert sum(1 for _ in _options()) > 50
 

@@ -83,11 +83,87 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--alpha", type=_positive_float, default=1.0,
                      help="target alpha of ||M^T M - alpha I||_F^2 (default: %(default)g)")
     fig.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_guo_2norm_parser(rep_sub)
     _add_train_parser(sub)
     _add_compare_parser(sub)
     _add_plot_parser(sub)
     _add_spectrum_parser(sub)
     return parser
+
+
+def _kernel_shape(text: str):
+    """``'3x3x16x16'`` -> ``(3, 3, 16, 16)``: k1 x k2 x g x h, odd k1 and k2."""
+    parts = text.lower().split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1 or shape[0] % 2 == 0 or shape[1] % 2 == 0:
+        raise argparse.ArgumentTypeError(
+            f"expected k1xk2xgxh with odd k1, k2 (e.g. 3x3x16x16), got {text!r}")
+    return shape
+
+
+def _add_guo_2norm_parser(rep_sub) -> None:
+    from .experiments.guo_2norm import Guo2NormConfig, QUICK
+    from .experiments.guo_fig41 import INITS
+
+    d = Guo2NormConfig()
+    g2 = rep_sub.add_parser(
+        "guo-2norm",
+        help="Guo (2019) vs Guo & Ye: Frobenius vs 2-norm penalty descent, iterations to target",
+        description="Gradient descent on the exact Frobenius penalty ||M^T M - alpha I||_F^2 "
+        "(Algorithm 3.1) against gradient descent on the 2-norm penalty ||M^T M - alpha I||_2, "
+        "from the same random kernels: iterations and wall time until sigma_max <= 1.05 and "
+        "sigma_min >= 0.9, and the exact sigma_max, sigma_min after --budget iterations. Each "
+        "method uses, per kernel, the best of --rules on --search-seeds. Finished runs are "
+        "appended to DIR/runs.jsonl and reused when the command is run again; writes "
+        "DIR/guo_2norm.json, DIR/guo_2norm.md and DIR/guo_2norm.png.",
+    )
+
+    def q(name):
+        value = QUICK[name]
+        return f"{_show(value)} with --quick"
+
+    g2.add_argument("--out", type=Path, default=Path("out/guo_2norm"), metavar="DIR",
+                    help="output folder (default: %(default)s)")
+    g2.add_argument("--quick", action="store_true",
+                    help="a small version for a first look (about 15 s on 2 cores): the four kernels "
+                    "of Figure 4.1, fewer seeds, rules and iterations; flags still override it")
+    g2.add_argument("--shapes", type=_kernel_shape, nargs="+", metavar="KxKxGxH",
+                    help="kernels, k x k x g x h as in the paper (default: "
+                    f"{' '.join('x'.join(map(str, s)) for s in d.shapes)}; the first four with "
+                    "--quick)")
+    g2.add_argument("--inits", nargs="+", choices=INITS, metavar="INIT",
+                    help=f"kernel distributions, from {', '.join(INITS)} (default: "
+                    f"{_show(d.inits)})")
+    g2.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                    help=f"seeds of the evaluation runs (default: {_show(d.seeds)}; "
+                    f"{q('seeds')})")
+    g2.add_argument("--size", type=_positive_int,
+                    help=f"input size N (default: {d.size}; {q('size')})")
+    g2.add_argument("--budget", type=_positive_int,
+                    help=f"iteration at which the final sigma_max, sigma_min are taken "
+                    f"(default: {d.budget}; {q('budget')})")
+    g2.add_argument("--horizon", type=_positive_int,
+                    help=f"iterations an evaluation run may take to reach the target, >= --budget "
+                    "(3x3x64x64: --budget) "
+                    f"(default: {d.horizon}; {q('horizon')})")
+    g2.add_argument("--rules", nargs="+", metavar="RULE",
+                    help="step rules searched per method and kernel: paper, armijo, "
+                    "constant:LR, polyak:GAMMA (default: " + _show(d.rules) + f"; {q('rules')})")
+    g2.add_argument("--search-seeds", type=int, nargs="+", metavar="SEED",
+                    help=f"seeds of the step-rule search, not among --seeds (default: "
+                    f"{_show(d.search_seeds)})")
+    g2.add_argument("--search-horizon", type=_positive_int,
+                    help=f"iterations of a search run (default: {d.search_horizon}; "
+                    f"{q('search_horizon')})")
+    g2.add_argument("--alpha", type=_positive_float, default=d.alpha,
+                    help="target alpha of both penalties (default: %(default)g)")
+    g2.add_argument("--threads", type=_positive_int, default=d.threads,
+                    help="torch CPU threads; 1 keeps wall times comparable on a shared machine "
+                    "(default: %(default)s)")
+    g2.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _add_spectrum_parser(sub) -> None:
@@ -384,6 +460,34 @@ def _run_guo_fig41(args, parser) -> int:
     return 0
 
 
+def _run_guo_2norm(args, parser) -> int:
+    from dataclasses import replace
+
+    from .experiments import guo_2norm
+
+    config = guo_2norm.Guo2NormConfig()
+    if args.quick:
+        config = replace(config, **guo_2norm.QUICK)
+    given = {name: getattr(args, name) for name in (
+        "shapes", "inits", "seeds", "size", "budget", "horizon", "rules", "search_seeds",
+        "search_horizon") if getattr(args, name) is not None}
+    if "budget" in given and "horizon" not in given:
+        given["horizon"] = max(config.horizon, given["budget"])
+    config = replace(config, alpha=args.alpha, threads=args.threads, **given)
+    try:
+        config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    guo_2norm.main(config, args.out, progress=not args.no_progress)
+    return 0
+
+
+def _run_reproduce(args, parser) -> int:
+    if args.experiment == "guo-2norm":
+        return _run_guo_2norm(args, parser)
+    return _run_guo_fig41(args, parser)
+
+
 def _run_spectrum(args, parser) -> int:
     from .experiments import spectrum_report as sr
     from .train.models import parse_model_name
@@ -463,7 +567,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing is not None:
         parser.exit(2, f"convspec: error: {missing}\n")
     commands = {"train": _run_train, "compare": _run_compare, "plot": _run_plot,
-                "spectrum": _run_spectrum, "reproduce": _run_guo_fig41}
+                "spectrum": _run_spectrum, "reproduce": _run_reproduce}
     name = args.command if args.command != "reproduce" else f"reproduce {args.experiment}"
     try:
         return commands[args.command](args, parser)

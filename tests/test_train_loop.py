@@ -196,7 +196,7 @@ def test_compare_methods_over_seeds(tmp_path, capsys):
     conv = model.features[0]
     smax, smin = extreme_singular_values(conv.weight, 16, padding=conv.padding)
     assert run["operator"]["features.0"] == pytest.approx([smin, smax], rel=1e-6)
-    assert (out / "test_error.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # A second call reuses the finished runs.
     before = (out / "sgd-seed0" / "metrics.jsonl").stat().st_mtime_ns
     assert main(argv) == 0

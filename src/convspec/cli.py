@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="target alpha of ||M^T M - alpha I||_F^2 (default: %(default)g)")
     fig.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_guo_2norm_parser(rep_sub)
+    _add_frob_sweep_parser(rep_sub)
     _add_train_parser(sub)
     _add_compare_parser(sub)
     _add_plot_parser(sub)
@@ -102,6 +103,33 @@ def _kernel_shape(text: str):
         raise argparse.ArgumentTypeError(
             f"expected k1xk2xgxh with odd k1, k2 (e.g. 3x3x16x16), got {text!r}")
     return shape
+
+
+def _add_frob_sweep_parser(rep_sub) -> None:
+    from .experiments.frob_sweep import WEIGHTS
+
+    fs = rep_sub.add_parser(
+        "frob-sweep",
+        help="what the Frobenius weight does: a sweep of the penalty weight against SGD",
+        description="Train SGD (weight 0) and the Frobenius penalty at each --weights over "
+        "--seeds (a 'convspec compare' of sgd and frobenius:frob_weight=W; finished runs are "
+        "reused), then record per weight the test error against SGD (Welch's t-test, 95%% CI) "
+        "and the exact operator sigma_max / sigma_min of every conv layer, and recommend the "
+        "largest weight whose test error is not significantly above SGD's. Writes "
+        "OUT/frob_sweep.json, .md, .png beside the comparison's summary.*.",
+    )
+    fs.add_argument("--weights", nargs="+", type=_positive_float, default=None, metavar="W",
+                    help="penalty weights (default: the config file's frobenius methods, else "
+                    f"{_show(list(WEIGHTS))})")
+    fs.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                    help="seeds (default: the config file's [compare] seeds, else [0, 1, 2])")
+    fs.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                    help="trainings run at once (default: the config file's [compare] jobs, "
+                    "else 1)")
+    fs.add_argument("--runs", type=Path, default=None, metavar="DIR",
+                    help="folder of the run folders (default: the config file's [compare] runs, "
+                    "else OUT)")
+    _add_config_arguments(fs, compare=True)
 
 
 def _add_guo_2norm_parser(rep_sub) -> None:
@@ -221,14 +249,26 @@ def _add_compare_parser(sub) -> None:
         "OUT/<method>-seed<S> (finished runs are reused, unfinished ones resumed), then write "
         "OUT/summary.json, OUT/summary.md (final test error and time as mean +/- std, singular "
         "value ranges of the reshaped kernels and of the exact conv operators) and "
-        "OUT/test_error.png.",
+        "OUT/curves.png (training and test error per epoch).",
     )
-    cmp_.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
-                      default=["sgd", "svb+bbn", "frobenius"],
-                      help=f"methods to train, from {', '.join(METHODS)} (default: "
+    cmp_.add_argument("--methods", nargs="+", metavar="METHOD", default=None,
+                      help=f"methods to train: {', '.join(METHODS)}, each optionally with "
+                      "config fields of its own, e.g. svb:eps=0.5 or frobenius:frob_weight=0.01 "
+                      "(default: the config file's [compare] methods, else "
                       f"{_show(['sgd', 'svb+bbn', 'frobenius'])})")
-    cmp_.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
-                      help=f"seeds to train each method with (default: {_show([0, 1, 2])})")
+    cmp_.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                      help="seeds to train each method with (default: the config file's "
+                      f"[compare] seeds, else {_show([0, 1, 2])})")
+    cmp_.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                      help="trainings run at once, in worker processes that share the CPU "
+                      "threads (default: the config file's [compare] jobs, else 1)")
+    cmp_.add_argument("--runs", type=Path, default=None, metavar="DIR",
+                      help="folder of the run folders, when not OUT: comparisons that share a "
+                      "base config can share runs (default: the config file's [compare] runs, "
+                      "relative to the working directory, else OUT)")
+    cmp_.add_argument("--baseline", metavar="METHOD", default=None,
+                      help="the method every other is compared with (Welch's t-test, 95%% CI "
+                      "of the difference) (default: sgd when listed, else the first method)")
     _add_config_arguments(cmp_, compare=True)
 
 
@@ -404,14 +444,34 @@ def _run_train(args, parser) -> int:
 def _run_compare(args, parser) -> int:
     import warnings
 
-    from .experiments.compare import compare, format_table
+    from .experiments.compare import compare, format_table, parse_method
+    from .train.config import load_compare_section
     from .train.loop import NonFiniteLoss
 
+    section = {}
+    if args.config is not None:
+        try:
+            section = load_compare_section(args.config)
+        except ValueError as exc:
+            parser.error(str(exc))
+    methods = args.methods or section.get("methods") or ["sgd", "svb+bbn", "frobenius"]
+    seeds = args.seeds if args.seeds is not None else section.get("seeds", [0, 1, 2])
+    jobs = args.jobs or section.get("jobs", 1)
+    baseline = args.baseline or section.get("baseline")
+    runs_dir = args.runs
+    if runs_dir is None and section.get("runs") is not None:
+        runs_dir = Path(section["runs"])
     # Validate every run's config against the shared flags before anything runs.
     cfg = _config_from_args(args, parser)
-    for method in args.methods:
-        for seed in args.seeds:
-            _config_from_args(args, parser, method=method, seed=seed)
+    try:
+        specs = [parse_method(m) for m in methods]
+        if baseline is not None and parse_method(baseline).label not in [s.label for s in specs]:
+            raise ValueError(f"--baseline {baseline!r} is not among --methods")
+    except ValueError as exc:
+        parser.error(f"--methods: {exc}" if "baseline" not in str(exc) else str(exc))
+    for spec in specs:
+        for seed in seeds:
+            _config_from_args(args, parser, method=spec.method, seed=seed, **dict(spec.overrides))
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"convspec compare: warning: {message}", file=sys.stderr)
@@ -419,8 +479,8 @@ def _run_compare(args, parser) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
-            summary = compare(cfg, args.methods, args.seeds, args.out,
-                              progress=not args.no_progress)
+            summary = compare(cfg, methods, seeds, args.out, progress=not args.no_progress,
+                              jobs=jobs, baseline=baseline, runs_dir=runs_dir)
     except NonFiniteLoss as exc:
         print(f"convspec compare: stopped: {exc}", file=sys.stderr)
         return 1
@@ -430,7 +490,7 @@ def _run_compare(args, parser) -> int:
         return 130
     print(format_table(summary))
     print(f"wrote {args.out / 'summary.json'}, {args.out / 'summary.md'}, "
-          f"{args.out / 'test_error.png'}")
+          f"{args.out / 'curves.png'}")
     return 0
 
 
@@ -482,9 +542,48 @@ def _run_guo_2norm(args, parser) -> int:
     return 0
 
 
+def _run_frob_sweep(args, parser) -> int:
+    from .experiments import frob_sweep
+    from .experiments.compare import parse_method
+    from .train.config import load_compare_section
+
+    section = {}
+    if args.config is not None:
+        try:
+            section = load_compare_section(args.config)
+        except ValueError as exc:
+            parser.error(str(exc))
+    weights = args.weights
+    if weights is None and section.get("methods"):
+        try:
+            specs = [parse_method(m) for m in section["methods"]]
+        except ValueError as exc:
+            parser.error(f"config file {args.config}: {exc}")
+        weights = [dict(s.overrides).get("frob_weight") for s in specs if s.method == "frobenius"]
+        weights = [w for w in weights if w is not None]
+    weights = weights or list(frob_sweep.WEIGHTS)
+    seeds = args.seeds if args.seeds is not None else section.get("seeds", [0, 1, 2])
+    jobs = args.jobs or section.get("jobs", 1)
+    runs_dir = args.runs if args.runs is not None else (
+        Path(section["runs"]) if section.get("runs") else None)
+    cfg = _config_from_args(args, parser)
+    for seed in seeds:
+        _config_from_args(args, parser, method="frobenius", seed=seed, frob_weight=max(weights))
+    try:
+        frob_sweep.main(cfg, args.out, weights=weights, seeds=seeds, jobs=jobs, runs_dir=runs_dir,
+                        progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("convspec reproduce frob-sweep: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def _run_reproduce(args, parser) -> int:
     if args.experiment == "guo-2norm":
         return _run_guo_2norm(args, parser)
+    if args.experiment == "frob-sweep":
+        return _run_frob_sweep(args, parser)
     return _run_guo_fig41(args, parser)
 
 

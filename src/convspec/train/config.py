@@ -176,10 +176,7 @@ def config_differences(stored: Dict, cfg: "TrainConfig") -> List[str]:
             if k not in RESUME_MAY_DIFFER and stored.get(k) != v]
 
 
-def load_config_file(path: Path) -> Dict:
-    """Read a TOML config file: keys are :class:`TrainConfig` field names, each value of the
-    field's type (ranges are checked by :meth:`TrainConfig.validate`). The keys ``depth`` and
-    ``width`` of the old naming are refused with the model name to write instead."""
+def _read_toml(path: Path) -> Dict:
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -189,7 +186,7 @@ def load_config_file(path: Path) -> Dict:
             raise ValueError("config files need Python >= 3.11 or `pip install tomli`") from None
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -200,6 +197,21 @@ def load_config_file(path: Path) -> Dict:
         raise ValueError(f"config file {path} is not a text (UTF-8) file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+#: Keys of a config file's optional ``[compare]`` table (read by ``convspec compare`` only).
+COMPARE_KEYS = {"methods": "a list of method strings", "seeds": "a list of integers",
+                "jobs": "an integer >= 1", "baseline": "a method string",
+                "runs": "a folder path (string)"}
+
+
+def load_config_file(path: Path) -> Dict:
+    """Read a TOML config file: keys are :class:`TrainConfig` field names, each value of the
+    field's type (ranges are checked by :meth:`TrainConfig.validate`). The keys ``depth`` and
+    ``width`` of the old naming are refused with the model name to write instead. An optional
+    ``[compare]`` table is for ``convspec compare`` (:func:`load_compare_section`)."""
+    data = _read_toml(path)
+    data.pop("compare", None)
     if "depth" in data or "width" in data:
         raise ValueError(
             f"config file {path}: the keys depth and width are gone; the model name carries them: "
@@ -214,6 +226,32 @@ def load_config_file(path: Path) -> Dict:
         if problem:
             raise ValueError(f"config file {path}: {problem}")
     return data
+
+
+def load_compare_section(path: Path) -> Dict:
+    """The ``[compare]`` table of a TOML config file (``methods``, ``seeds``, ``jobs``,
+    ``baseline``, ``runs``), type-checked; ``{}`` when the file has none. ``runs`` is a folder
+    relative to the working directory (commands are run from the repository root)."""
+    section = _read_toml(path).get("compare", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"config file {path}: compare must be a table ([compare])")
+    unknown = sorted(set(section) - set(COMPARE_KEYS))
+    if unknown:
+        raise ValueError(f"config file {path}: [compare] has unknown keys {unknown} "
+                         f"(known: {', '.join(COMPARE_KEYS)})")
+    checks = {
+        "methods": lambda v: isinstance(v, list) and v and all(isinstance(m, str) for m in v),
+        "seeds": lambda v: isinstance(v, list) and v and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v),
+        "jobs": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "baseline": lambda v: isinstance(v, str),
+        "runs": lambda v: isinstance(v, str) and v != "",
+    }
+    for key, value in section.items():
+        if not checks[key](value):
+            raise ValueError(f"config file {path}: [compare] {key} = {value!r}: expected "
+                             f"{COMPARE_KEYS[key]}")
+    return section
 
 
 def resume_problems(state: Dict, cfg: "TrainConfig", world_size: int) -> List[str]:

@@ -149,7 +149,8 @@ def _read_state(run: RunDir, cfg: TrainConfig, resume: bool, world_size: int) ->
 
 
 def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
-          data: Optional[Dataset] = None) -> TrainResult:
+          data: Optional[Dataset] = None,
+          on_epoch: Optional[Callable[[Dict], None]] = None) -> TrainResult:
     """Train per ``cfg`` into run directory ``out``; return the metrics and the model.
 
     The run directory (see :mod:`convspec.train.rundir`) is locked for the duration: another
@@ -160,13 +161,14 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     ``cfg.epochs``: only ``epochs`` (not below the completed epochs; equal means nothing to do)
     and ``device`` may differ from the checkpoint's config, and the number of processes must be
     the same. Under ``torchrun`` the model is wrapped in DistributedDataParallel and only rank 0
-    locks and writes files. Ctrl-C raises :class:`Interrupted`.
+    locks and writes files. Ctrl-C raises :class:`Interrupted`. ``on_epoch(row)`` is called on
+    the main process with each epoch's metrics row once its checkpoint is written.
     """
     cfg.validate()
     ctx = dist_utils.setup()
     saved: Dict[str, Optional[int]] = {"epoch": None}  # the epoch of the checkpoint on disk
     try:
-        return _train(cfg, RunDir(out), ctx, resume, progress, data, saved)
+        return _train(cfg, RunDir(out), ctx, resume, progress, data, saved, on_epoch)
     except Interrupted:
         raise
     except KeyboardInterrupt:
@@ -176,7 +178,8 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
 
 
 def _train(cfg: TrainConfig, run: RunDir, ctx: dist_utils.DistContext, resume: bool,
-           progress: bool, data: Optional[Dataset], saved: Dict) -> TrainResult:
+           progress: bool, data: Optional[Dataset], saved: Dict,
+           on_epoch: Optional[Callable[[Dict], None]]) -> TrainResult:
     device = ctx.device if ctx.world_size > 1 else _pick_device(cfg.device)
     if resume and not run.has_checkpoint():  # before creating anything
         raise RunDirError(f"--resume: no checkpoint at {run.checkpoint}; start the run without "
@@ -192,12 +195,13 @@ def _train(cfg: TrainConfig, run: RunDir, ctx: dist_utils.DistContext, resume: b
         state = _on_every_rank(ctx, lambda: _read_state(run, cfg, resume, ctx.world_size))
         if state is not None:
             saved["epoch"] = state["epoch"]
-        return _train_locked(cfg, run, ctx, device, state, progress, data, saved)
+        return _train_locked(cfg, run, ctx, device, state, progress, data, saved, on_epoch)
 
 
 def _train_locked(cfg: TrainConfig, run: RunDir, ctx: dist_utils.DistContext,
                   device: torch.device, state: Optional[Dict], progress: bool,
-                  data: Optional[Dataset], saved: Dict) -> TrainResult:
+                  data: Optional[Dataset], saved: Dict,
+                  on_epoch: Optional[Callable[[Dict], None]] = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     if data is None:
         data = load_dataset(cfg.data, cfg.data_dir, seed=cfg.seed)
@@ -340,6 +344,8 @@ def _train_locked(cfg: TrainConfig, run: RunDir, ctx: dist_utils.DistContext,
             # A failed write (a full disk) stops every rank; the previous checkpoint stays.
             _on_every_rank(ctx, lambda: run.save(snapshot(epoch + 1)) if ctx.is_main else None)
             saved["epoch"] = epoch + 1
+            if on_epoch is not None and ctx.is_main:
+                on_epoch(row)
             if progress and ctx.is_main:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
                       f"test error {100 * test_error:.2f}%, {row['epoch_time_s']:.1f}s",

@@ -39,7 +39,7 @@ data:
 
 demo: $(STAMP) data
 	$(PY) -m convspec reproduce guo-fig41 --out $(OUT)/guo_fig41
-	$(PY) -m convspec compare --config configs/demo_fmnist.toml --seeds 0 1 --out $(OUT)/compare
+	$(PY) -m convspec compare --config configs/demo_fmnist.toml --out $(OUT)/compare
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" --doctest-modules src/convspec tests

@@ -226,3 +226,44 @@ def test_frob_sweep_recommends_and_survives_divergence(tmp_path, capsys):
     assert by_weight[0.001]["layers"][name][1] == pytest.approx(mean_max)
     assert "| 1000 | 0 (2 diverged) | diverged |" in printed
     assert (out / "frob_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -------------------------------------------------------------------------- jia-fig1 end to end
+
+
+def test_jia_fig1_histograms_of_reshaped_kernels_and_exact_operators(tmp_path, capsys):
+    import torch
+
+    from convspec import extreme_singular_values
+    from convspec.report import reshaped_values
+    from convspec.train.models import build_model
+
+    out, runs = tmp_path / "fig1", tmp_path / "runs"
+    argv = ["reproduce", "jia-fig1", *TINY, "--epochs", "1", "--methods", "sgd", "svb:eps=0.05",
+            "--runs", str(runs), "--out", str(out)]
+    assert main(argv) == 0  # trains the two missing runs first
+    record = json.loads((out / "jia_fig1.json").read_text())
+    assert set(record["methods"]) == {"sgd", "svb:eps=0.05"}
+    m = record["methods"]["svb:eps=0.05"]
+    assert [m["layers"][p]["layer"] for p in ("lower", "middle", "higher")] == \
+        ["features.3", "features.9", "features.18"]  # convnet-8: 7 convs
+    model = build_model("convnet-8", num_classes=4, in_channels=1)
+    model.load_state_dict(torch.load(runs / "svb_eps0.05-seed0" / "checkpoint.pt",
+                                     weights_only=True)["model"])
+    conv = dict(model.named_modules())["features.9"]
+    layer = m["layers"]["middle"]
+    assert layer["reshaped"] == pytest.approx(reshaped_values(conv.weight).tolist(), rel=1e-12)
+    # SVB bounded the reshaped kernel into [1/1.05, 1.05] at its last step of the epoch or not,
+    # but the operator's spectrum is the exact one: its extremes match the extreme solver.
+    smax, smin = extreme_singular_values(conv, tuple(layer["input_size"]))
+    assert layer["operator"][0] == pytest.approx(smax, rel=1e-8)
+    assert layer["operator"][-1] == pytest.approx(smin, rel=1e-6, abs=1e-9)
+    h, g = conv.weight.shape[:2]
+    n_in = g * layer["input_size"][0] * layer["input_size"][1]
+    p_out = h * ((layer["input_size"][0] - 1) // conv.stride[0] + 1) ** 2
+    assert len(layer["operator"]) == min(n_in, p_out)
+    assert (out / "jia_fig1.png").read_bytes()[:4] == b"\x89PNG"
+    # A second call reads the checkpoints instead of training.
+    before = (runs / "sgd-seed0" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (runs / "sgd-seed0" / "checkpoint.pt").stat().st_mtime_ns == before

@@ -53,3 +53,22 @@ def test_constant_step_that_diverges_stops_with_a_warning():
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
         penalty_descent(torch.randn(2, 2, 3, 3), 4, **kw)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(padding="same"),
+    dict(padding=(2, 1), stride=(2, 1), dilation=(1, 2)),
+    dict(padding=1, groups=2),
+    dict(padding=1, padding_mode="circular"),
+])
+def test_tracked_spectrum_is_the_dense_operators(kw):
+    """The per-iteration sigma_max / sigma_min (the gather-built dense M) equal svdvals of M."""
+    from convspec import conv_operator
+    from convspec.descent import penalty_descent
+
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    res = penalty_descent(w, 7, steps=3, step_rule="armijo", progress=False, **kw)
+    again = penalty_descent(w, 7, steps=2, step_rule="armijo", progress=False, track_spectrum=False, **kw)
+    s = torch.linalg.svdvals(conv_operator(again.weight, 7, **kw))
+    assert res.sigma_max[2] == pytest.approx(float(s[0]), rel=1e-12)
+    assert res.sigma_min[2] == pytest.approx(float(s[-1]), rel=1e-9)

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_guo_2norm_parser(rep_sub)
     _add_frob_sweep_parser(rep_sub)
+    _add_jia_fig1_parser(rep_sub)
     _add_train_parser(sub)
     _add_compare_parser(sub)
     _add_plot_parser(sub)
@@ -130,6 +131,26 @@ def _add_frob_sweep_parser(rep_sub) -> None:
                     help="folder of the run folders (default: the config file's [compare] runs, "
                     "else OUT)")
     _add_config_arguments(fs, compare=True)
+
+
+def _add_jia_fig1_parser(rep_sub) -> None:
+    jf = rep_sub.add_parser(
+        "jia-fig1",
+        help="Jia et al. (2017) Figure 1: singular-value histograms of trained layers, SGD vs SVB",
+        description="Normalised singular-value histograms (sigma / sigma_max) of a lower, a middle "
+        "and a higher conv layer of the trained model, one run per --methods at --seed: of the "
+        "reshaped kernels (as Jia et al.) and of the exact convolution operators at the input "
+        "size each layer sees. Runs with a checkpoint in the runs folder are read (e.g. those of "
+        "'convspec compare --config configs/fmnist_convnet38.toml'); missing ones are trained. "
+        "Writes OUT/jia_fig1.json, .md and .png.",
+    )
+    jf.add_argument("--methods", nargs="+", default=["sgd", "svb:eps=0.05"], metavar="METHOD",
+                    help="methods to compare, as for compare (default: sgd svb:eps=0.05)")
+    jf.add_argument("--seed", type=int, default=0, help="the run's seed (default: 0)")
+    jf.add_argument("--runs", type=Path, default=None, metavar="DIR",
+                    help="folder of the run folders (default: the config file's [compare] runs, "
+                    "else OUT/runs)")
+    _add_config_arguments(jf, compare=True)
 
 
 def _add_guo_2norm_parser(rep_sub) -> None:
@@ -579,7 +600,39 @@ def _run_frob_sweep(args, parser) -> int:
     return 0
 
 
+def _run_jia_fig1(args, parser) -> int:
+    from .experiments import jia_fig1
+    from .experiments.compare import parse_method
+    from .train.config import load_compare_section
+
+    section = {}
+    if args.config is not None:
+        try:
+            section = load_compare_section(args.config)
+        except ValueError as exc:
+            parser.error(str(exc))
+    runs_dir = args.runs if args.runs is not None else (
+        Path(section["runs"]) if section.get("runs") else None)
+    cfg = _config_from_args(args, parser)
+    try:
+        specs = [parse_method(m) for m in args.methods]
+    except ValueError as exc:
+        parser.error(f"--methods: {exc}")
+    for spec in specs:
+        _config_from_args(args, parser, method=spec.method, seed=args.seed, **dict(spec.overrides))
+    try:
+        jia_fig1.main(cfg, args.out, methods=args.methods, seed=args.seed, runs_dir=runs_dir,
+                      progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("convspec reproduce jia-fig1: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def _run_reproduce(args, parser) -> int:
+    if args.experiment == "jia-fig1":
+        return _run_jia_fig1(args, parser)
     if args.experiment == "guo-2norm":
         return _run_guo_2norm(args, parser)
     if args.experiment == "frob-sweep":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -60,6 +60,22 @@ class DescentResult:
         d = asdict(self)
         d.pop("weight")
         return d
+
+
+def _scatter_plan(weight: torch.Tensor, geom):
+    """Where each weight entry sits in the dense ``M`` (``(mask, index)``: ``M[mask] =
+    weight.flatten()[index]``), so that ``M`` is rebuilt by one gather per iteration; None when an
+    entry of ``M`` may be a sum of several weights (circular, reflect or replicate padding) or
+    ``M`` would not fit in memory."""
+    if any(ax.mode != "zeros" for ax in geom.axes):
+        return None
+    ids = torch.arange(1, weight.numel() + 1, dtype=torch.float64).reshape(weight.shape)
+    try:
+        m = dense_operator(ids, geom)  # zero padding: each entry is one weight or 0
+    except ValueError:  # too large for a dense M; extremes() raises the same error
+        return None
+    mask = m != 0
+    return mask, m[mask].round().long() - 1
 
 
 def penalty_descent(
@@ -147,6 +163,17 @@ def penalty_descent(
 
     power_state: dict = {}
 
+    scatter = _scatter_plan(weight, geom)
+
+    def extremes(k: torch.Tensor) -> Tuple[float, float]:
+        """Exact sigma_max and sigma_min of M from the eigenvalues of its smaller dense Gram."""
+        if scatter is None:
+            return _gram_extremes(dense_operator(k, geom))
+        mask, index = scatter
+        m = torch.zeros(mask.shape, dtype=k.dtype)
+        m[mask] = k.reshape(-1)[index]
+        return _gram_extremes(m)
+
     def value(k: torch.Tensor) -> torch.Tensor:
         if penalty == "spectral":
             iters = SPECTRAL_STEP_ITERATIONS if power_state else SPECTRAL_WARMUP_ITERATIONS
@@ -170,7 +197,7 @@ def penalty_descent(
             result.penalty.append(float(r))
             result.grad_norm.append(gnorm)
             if track_spectrum:
-                smax, smin = _gram_extremes(dense_operator(k, geom))
+                smax, smin = extremes(k)
                 result.sigma_max.append(smax)
                 result.sigma_min.append(smin)
             if not math.isfinite(float(r)):

@@ -330,11 +330,11 @@ def test_runs_of_the_old_model_naming_resume_and_are_reused(tmp_path, capsys):
 
 
 def test_the_records_are_readable(tmp_path, capsys):
-    """records/fmnist_compare (written with the old naming, no checkpoints) still plots."""
+    """Runs written with the old naming (no checkpoints; the old records/fmnist_compare) still plot."""
     from convspec.train.plots import run_label
     from convspec.train.rundir import RunDir
 
-    runs = sorted((ROOT / "records" / "fmnist_compare").glob("*-seed*"))
+    runs = sorted((ROOT / "tests" / "data" / "legacy_fmnist_compare").glob("*-seed*"))
     assert len(runs) == 9
     for run in runs:
         assert RunDir(run).record()["config"]["model"] == "convnet-20"

@@ -28,7 +28,7 @@ from ..train.config import TrainConfig
 from ..train.data import load_dataset, normalize
 from ..train.models import build_model
 from ..train.rundir import RunDir, make_output_dir, write_json
-from .compare import compare, parse_method
+from .compare import RESULT, _epochs_done, _finished_result, compare, parse_method
 
 #: Where in the network: index into the list of the model's convolutions (in forward order).
 POSITIONS = ("lower", "middle", "higher")
@@ -96,14 +96,19 @@ def main(base: TrainConfig, out: Path, *, methods: Sequence[str] = ("sgd", "svb:
     specs = [parse_method(m) for m in methods]
     out = make_output_dir(Path(out))
     runs_root = Path(runs_dir) if runs_dir is not None else out / "runs"
-    missing = [s.label for s in specs
-               if not RunDir(runs_root / f"{s.dirname}-seed{seed}").has_checkpoint()]
-    if missing:  # train them (a run with a result but no checkpoint is trained again)
+    def finished(s) -> bool:  # all epochs of exactly this config, and the weights to read
+        run = RunDir(runs_root / f"{s.dirname}-seed{seed}")
+        cfg = s.config(base, seed)
+        return (run.has_checkpoint() and _epochs_done(run, cfg) == cfg.epochs
+                and _finished_result(run, cfg) is not None)
+
+    missing = [s.label for s in specs if not finished(s)]
+    if missing:  # train or resume them (a result without a checkpoint is trained again)
         for s in specs:
             if s.label in missing:
-                result = runs_root / f"{s.dirname}-seed{seed}" / "result.json"
-                if result.exists():
-                    result.unlink()
+                run = RunDir(runs_root / f"{s.dirname}-seed{seed}")
+                if not run.has_checkpoint() and (run.path / RESULT).exists():
+                    (run.path / RESULT).unlink()
         compare(base, [s.label for s in specs], [seed], out / "training", progress=progress,
                 runs_dir=runs_root)
     data = load_dataset(base.data, base.data_dir, seed=base.seed)

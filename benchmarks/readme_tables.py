@@ -391,16 +391,18 @@ def first_screen_block(records: Dict[str, dict], records_dir: Path) -> str:
         f"{gib.group(0)})",
         c["target"]])
 
-    summary = json.loads((records_dir / "fmnist_compare" / "summary.json").read_text())
-    names = {"sgd": "SGD", "svb+bbn": "SVB+BBN", "frobenius": "Frobenius"}
+    summary = json.loads((records_dir / "demo_fmnist" / "summary.json").read_text())
+    names = {"sgd": "SGD", "svb+bbn": "SVB+BBN", "frobenius": "Frobenius", "svb": "SVB"}
     cfg = summary["config"]
-    errors = [summary["results"][m]["final_test_error"] for m in summary["methods"]]
+    results = [summary["results"][m] for m in summary["methods"]]
+    images = f"{cfg['n_train']} images" if cfg.get("n_train") else "all 60000 images"
     rows.append([
-        f"ConvNet-20, Fashion-MNIST ({cfg['n_train']} images, {cfg['epochs']} epochs), "
-        f"{len(summary['seeds'])} seeds: test error "
-        + " / ".join(names[m] for m in summary["methods"]),
-        " / ".join(f"{100 * e['mean']:.2f} +/- {100 * e['std']:.2f}" for e in errors) + " %",
-        "[details](#result-sgd-vs-svbbbn-vs-the-frobenius-penalty-on-fashion-mnist)"])
+        f"{cfg['model'].replace('convnet', 'ConvNet')}, Fashion-MNIST ({images}, {cfg['epochs']} "
+        f"epochs), {len(summary['seeds'])} seeds (`make demo`): test error "
+        + " / ".join(names[r["method"]] for r in results),
+        " / ".join(f"{100 * r['final_test_error']['mean']:.2f} +/- "
+                   f"{100 * r['final_test_error']['std']:.2f}" for r in results) + " %",
+        "[details, 95% CIs](#the-demo-make-demo)"])
 
     fig = json.loads((records_dir / "guo_fig41" / "guo_fig41.json").read_text())
     last_max = [k["sigma_max"][-1] for k in fig["kernels"]]

@@ -13,7 +13,8 @@ from convspec.train.config import TrainConfig
 #: Options hidden on purpose: the old '--model FAMILY --depth D --width W' form, kept only to
 #: answer with the name to write instead (tests/test_train_loop.py::test_bad_flags_exit_2).
 HIDDEN = {("train", "--depth"), ("train", "--width"), ("compare", "--depth"),
-          ("compare", "--width")}
+          ("compare", "--width"), ("frob-sweep", "--depth"), ("frob-sweep", "--width"),
+          ("jia-fig1", "--depth"), ("jia-fig1", "--width")}
 CONFIG_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
@@ -44,7 +45,8 @@ def _name(path, action):
 
 def test_walk_finds_every_subcommand():
     paths = {" ".join(path) for path, _ in _parsers(build_parser())}
-    assert paths == {"", "reproduce", "reproduce guo-fig41", "reproduce guo-2norm", "train", "compare", "plot",
+    assert paths == {"", "reproduce", "reproduce guo-fig41", "reproduce guo-2norm",
+                     "reproduce frob-sweep", "reproduce jia-fig1", "train", "compare", "plot",
                      "spectrum"}
     assert sum(1 for _ in _options()) > 50
 

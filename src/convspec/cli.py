@@ -462,26 +462,37 @@ def _run_train(args, parser) -> int:
     return 0
 
 
+def _compare_section(args, parser) -> dict:
+    """The ``[compare]`` table of ``--config`` (``{}`` without one); exits 2 when invalid."""
+    from .train.config import load_compare_section
+
+    if args.config is None:
+        return {}
+    try:
+        return load_compare_section(args.config)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _runs_dir(args, section: dict):
+    """``--runs``, else the config file's ``[compare] runs``, else None (the output folder)."""
+    if args.runs is not None:
+        return args.runs
+    return Path(section["runs"]) if section.get("runs") else None
+
+
 def _run_compare(args, parser) -> int:
     import warnings
 
     from .experiments.compare import compare, format_table, parse_method
-    from .train.config import load_compare_section
     from .train.loop import NonFiniteLoss
 
-    section = {}
-    if args.config is not None:
-        try:
-            section = load_compare_section(args.config)
-        except ValueError as exc:
-            parser.error(str(exc))
+    section = _compare_section(args, parser)
     methods = args.methods or section.get("methods") or ["sgd", "svb+bbn", "frobenius"]
     seeds = args.seeds if args.seeds is not None else section.get("seeds", [0, 1, 2])
     jobs = args.jobs or section.get("jobs", 1)
     baseline = args.baseline or section.get("baseline")
-    runs_dir = args.runs
-    if runs_dir is None and section.get("runs") is not None:
-        runs_dir = Path(section["runs"])
+    runs_dir = _runs_dir(args, section)
     # Validate every run's config against the shared flags before anything runs.
     cfg = _config_from_args(args, parser)
     try:
@@ -566,14 +577,8 @@ def _run_guo_2norm(args, parser) -> int:
 def _run_frob_sweep(args, parser) -> int:
     from .experiments import frob_sweep
     from .experiments.compare import parse_method
-    from .train.config import load_compare_section
 
-    section = {}
-    if args.config is not None:
-        try:
-            section = load_compare_section(args.config)
-        except ValueError as exc:
-            parser.error(str(exc))
+    section = _compare_section(args, parser)
     weights = args.weights
     if weights is None and section.get("methods"):
         try:
@@ -585,8 +590,7 @@ def _run_frob_sweep(args, parser) -> int:
     weights = weights or list(frob_sweep.WEIGHTS)
     seeds = args.seeds if args.seeds is not None else section.get("seeds", [0, 1, 2])
     jobs = args.jobs or section.get("jobs", 1)
-    runs_dir = args.runs if args.runs is not None else (
-        Path(section["runs"]) if section.get("runs") else None)
+    runs_dir = _runs_dir(args, section)
     cfg = _config_from_args(args, parser)
     for seed in seeds:
         _config_from_args(args, parser, method="frobenius", seed=seed, frob_weight=max(weights))
@@ -603,16 +607,9 @@ def _run_frob_sweep(args, parser) -> int:
 def _run_jia_fig1(args, parser) -> int:
     from .experiments import jia_fig1
     from .experiments.compare import parse_method
-    from .train.config import load_compare_section
 
-    section = {}
-    if args.config is not None:
-        try:
-            section = load_compare_section(args.config)
-        except ValueError as exc:
-            parser.error(str(exc))
-    runs_dir = args.runs if args.runs is not None else (
-        Path(section["runs"]) if section.get("runs") else None)
+    section = _compare_section(args, parser)
+    runs_dir = _runs_dir(args, section)
     cfg = _config_from_args(args, parser)
     try:
         specs = [parse_method(m) for m in args.methods]

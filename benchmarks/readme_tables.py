@@ -4,7 +4,8 @@ Run: ``python benchmarks/readme_tables.py [--check] [--readme README.md] [--resu
 
 The README holds generated blocks between marker comments, ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->``: ``results`` (the results table on the first screen), ``penalty``,
-``spectrum``, ``svb`` and ``regularizer`` (the tables of the Benchmarks section, one per JSON file). Without
+``spectrum``, ``svb`` and ``regularizer`` (the tables of the Benchmarks section, one per JSON file),
+and ``jia_fmnist`` (record 2's tables, from ``records/jia_fmnist/*/summary.*``). Without
 ``--check`` the blocks are rewritten in place; with it nothing is written and the exit status is
 1 when the README differs from what the JSON gives (a diff is printed). Prose outside the blocks
 is not touched.
@@ -428,7 +429,31 @@ def first_screen_block(records: Dict[str, dict], records_dir: Path) -> str:
     return table([head, "result", "target"], rows)
 
 
+def jia_fmnist_block(records_dir: Path) -> str:
+    """Record 2: per model, the table ``convspec compare`` wrote (``summary.md``, from its
+    ``summary.json``), or how many of its runs have finished while it is still running."""
+    parts = []
+    for model in ("convnet-20", "convnet-38"):
+        folder = records_dir / "jia_fmnist" / model
+        summary = folder / "summary.json"
+        title = model.replace("convnet", "ConvNet")
+        if summary.exists():
+            data = json.loads(summary.read_text())
+            cfg = data["config"]
+            parts.append(f"**{title}**, {cfg['epochs']} epochs, seeds "
+                         f"{', '.join(map(str, data['seeds']))} "
+                         f"([`records/jia_fmnist/{model}/`](records/jia_fmnist/{model}/)):\n\n"
+                         + (folder / "summary.md").read_text().strip()
+                         + f"\n\n![{title}: training and test error per epoch]"
+                         f"(records/jia_fmnist/{model}/curves.png)")
+        else:
+            parts.append(f"**{title}**: not finished yet (its finished runs are in "
+                         f"`records/fmnist_runs/{model}/`); the same command resumes it.")
+    return "\n\n".join(parts)
+
+
 BLOCKS = {
+    "jia_fmnist": lambda records, records_dir: jia_fmnist_block(records_dir),
     "results": lambda records, records_dir: first_screen_block(records, records_dir),
     "penalty": lambda records, records_dir: penalty_block(records["penalty"]),
     "spectrum": lambda records, records_dir: spectrum_block(records["spectrum"]),

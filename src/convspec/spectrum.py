@@ -552,7 +552,12 @@ class _BandedCholesky:
 
     def __init__(self, w: torch.Tensor, axes, tall: bool, rows: int, shift: float,
                  on_block: Optional[Callable[[int], None]] = None,
-                 rank_one: Optional[Tuple[float, torch.Tensor]] = None, keep: bool = True):
+                 rank_one: Optional[Tuple[float, torch.Tensor]] = None, keep: bool = True,
+                 negate: bool = False):
+        # negate: factor shift I - Gram instead (with shift = tau, success proves
+        # lambda_max(Gram) < tau: the certificate of sigma_max).
+        if negate and rank_one is not None:
+            raise ValueError("negate and rank_one do not combine")
         (z1, z2), c = _gram_parts(w, axes, tall)
         k1, k2, cc, _ = c.shape
         r1, r2 = z1.shape[-1], z2.shape[-1]
@@ -578,7 +583,8 @@ class _BandedCholesky:
             zz = zf[si, sj]  # (rows_i, rows_j, k1, k1)
             ri, rj = zz.shape[:2]
             d = (zz.reshape(ri * rj, k1 * k1) @ hf).reshape(ri, rj, bw, bw)
-            return d.permute(0, 2, 1, 3).reshape(self.sizes[bi], self.sizes[bj])
+            d = d.permute(0, 2, 1, 3).reshape(self.sizes[bi], self.sizes[bj])
+            return -d if negate else d
 
         if rank_one is not None:
             gamma = float(rank_one[0])
@@ -787,6 +793,38 @@ def _iterative(
         )
         sigma_max, sigma_max_error = found["s"], found["err"]
         converged = top.converged
+        if converged:
+            # Prove the upper end: at the Lanczos bound, or, when that margin is below what a
+            # factorisation can resolve, at half the tolerance (still converged).
+            certified = _certify_max(wgs, geom1, tall, sigma_max + sigma_max_error, max_bytes,
+                                     counts, work)
+            if certified is False and 0.5 * tol * sigma_max > sigma_max_error:
+                certified = _certify_max(wgs, geom1, tall, sigma_max * (1 + 0.5 * tol),
+                                         max_bytes, counts, work)
+                if certified:
+                    sigma_max_error = 0.5 * tol * sigma_max
+            if certified is False:
+                # Lanczos missed the top of a cluster: the tightest of a few larger bounds that
+                # a factorisation proves, else a bound read off the kernel.
+                converged = False
+                widened = _product_scale(wgs, geom1, tall)
+                for f in (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
+                    trial = sigma_max * (1 + f)
+                    if trial <= sigma_max + sigma_max_error or trial >= widened:
+                        continue
+                    if _certify_max(wgs, geom1, tall, trial, max_bytes, counts, work):
+                        widened = math.sqrt(trial * trial * (1 + _EPS))
+                        break
+                sigma_max_error = max(sigma_max_error, widened - sigma_max)
+                warnings.warn(
+                    f"the certificate found an eigenvalue of the Gram operator above the Lanczos "
+                    f"value (sigma_max {sigma_max:.9g} + {found['err']:.2g}): Lanczos missed "
+                    "the top of a cluster; the error bound of sigma_max is widened to "
+                    f"{sigma_max_error:.2g}", stacklevel=3)
+            elif certified:
+                upper = math.sqrt((sigma_max + sigma_max_error) ** 2
+                                  + _EPS * (sigma_max + sigma_max_error) ** 2)
+                sigma_max_error = upper - sigma_max
         sigma_min = sigma_min_error = None
         if which == "extremes":
             sigma_min, sigma_min_error, ok = _sigma_min(
@@ -968,6 +1006,29 @@ def _sigma_min(wgs, geom1, tall, smax_upper, tol, max_bytes, max_products, gener
 def _within(s: float, err: float, tol: float, floor: float) -> bool:
     """``s`` (with error bound ``err``) is within relative ``tol``, or 0 to float64 rounding."""
     return err <= tol * s or s + err <= floor
+
+
+def _certify_max(wgs, geom1, tall, upper: float, max_bytes: int, counts, work) -> Optional[bool]:
+    """Is ``sigma_max <= upper`` proven? Factorise ``tau I - Gram`` per group (``tau = upper^2``):
+    success for every group proves ``lambda_max(Gram) < tau + e`` (``e = eps tau`` for the
+    rounding of the factorisation: Note [iterative error bounds]); ``False``: some eigenvalue
+    lies above ``tau`` (Lanczos missed it); ``None``: the factorisation does not fit in
+    ``max_bytes`` (the Lanczos settling rule is then all there is)."""
+    if not upper > 0:  # a zero operator to rounding: nothing a factorisation can add
+        return None
+    swap, rows, need = _plan_banded(wgs[0], geom1)
+    if need > max_bytes:
+        return None
+    axes = geom1.axes[::-1] if swap else geom1.axes
+    tau = upper * upper
+    for gi in range(wgs.shape[0]):
+        wt = wgs[gi].transpose(-1, -2) if swap else wgs[gi]
+        chol = _BandedCholesky(wt, axes, tall, rows, tau, on_block=work.update, keep=False,
+                               negate=True)
+        counts["factorizations"] += 1
+        if not chol.ok:
+            return False
+    return True
 
 
 def _temple(rho: float, r: float, e: float, beta: float, drho: float) -> float:

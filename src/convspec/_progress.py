@@ -34,12 +34,14 @@ AUTO_DELAY = 2.0
 
 
 @contextlib.contextmanager
-def progress_bar(total: Optional[int], desc: str, enabled: bool = True, delay: float = 0.0):
+def progress_bar(total: Optional[float], desc: str, enabled: bool = True, delay: float = 0.0,
+                 unit: str = "it"):
     """Yield an object with ``update(n)`` and ``set_postfix_str(s, refresh)``; tqdm when available.
 
     Pass ``refresh=False`` to ``set_postfix_str`` in loops: the text is then shown at the next
     redraw, which tqdm rate-limits (a forced refresh would write a line per step into logs).
-    ``delay``: show nothing until that many seconds have passed (tqdm's ``delay``).
+    ``delay``: show nothing until that many seconds have passed (tqdm's ``delay``); ``unit``:
+    what ``total`` counts.
     """
     if not enabled:
         yield _NullBar()
@@ -55,6 +57,6 @@ def progress_bar(total: Optional[int], desc: str, enabled: bool = True, delay: f
     interval = 0.1 if sys.stderr.isatty() else 30.0
     with tqdm(
         total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=interval,
-        delay=delay,
+        delay=delay, unit=unit,
     ) as bar:
         yield bar

@@ -11,7 +11,10 @@ from torch import nn
 
 from ._geometry import geometry_of, is_conv
 from ._progress import progress_bar
-from .spectrum import AUTO_DENSE_MAX_N, _canonical, _fft_applicable, _group_weights, conv_singular_values
+from .spectrum import (
+    AUTO_DENSE_MAX_N, _canonical, _fft_applicable, _group_weights, conv_singular_values,
+    estimated_flops,
+)
 
 
 @dataclass
@@ -154,11 +157,17 @@ def spectrum_report(
         warnings.warn(f"spectrum_report: conv layer(s) {sorted(repeated)} saw several input "
                       "sizes; each is reported at the first one", stacklevel=2)
     rows = []
-    with progress_bar(len(convs), "spectrum", enabled=progress) as bar:
-        for name, conv in convs:
-            bar.update(1)
+    # The bar counts estimated work (Gflop), not layers: one large layer can cost more than all
+    # the others together, so the time left is read off the work done, with the current layer.
+    work = {name: round(estimated_flops(conv, sizes[name]) / 1e9, 3) if name in sizes else 0.0
+            for name, conv in convs}
+    with progress_bar(sum(work.values()), "spectrum (estimated work)",
+                      enabled=progress, unit="Gflop") as bar:
+        for i, (name, conv) in enumerate(convs):
             if name not in sizes:
                 continue  # not reached by the forward pass
+            bar.set_postfix_str(f"layer {i + 1}/{len(convs)}: {name} "
+                                f"{tuple(conv.weight.shape)} at {sizes[name]}")
             w = conv.weight
             reshaped = reshaped_values(w, conv.groups)
             geom = geometry_of(conv, sizes[name])
@@ -187,4 +196,5 @@ def spectrum_report(
             row.sigma_max_error, row.sigma_min_error = spec.sigma_max_error, spec.sigma_min_error
             row.values = spec.values
             rows.append(row)
+            bar.update(work[name])
     return rows

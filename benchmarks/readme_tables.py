@@ -4,7 +4,8 @@ Run: ``python benchmarks/readme_tables.py [--check] [--readme README.md] [--resu
 
 The README holds generated blocks between marker comments, ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->``: ``results`` (the results table on the first screen), ``penalty``,
-``spectrum``, ``svb`` and ``regularizer`` (the tables of the Benchmarks section, one per JSON file),
+``spectrum``, ``svb``, ``regularizer`` and ``model_scale`` (the tables of the Benchmarks
+section, one per JSON file),
 and ``jia_fmnist`` (record 2's tables, from ``records/jia_fmnist/*/summary.*``). Without
 ``--check`` the blocks are rewritten in place; with it nothing is written and the exit status is
 1 when the README differs from what the JSON gives (a diff is printed). Prose outside the blocks
@@ -136,9 +137,30 @@ def check_regularizer(record: dict, where: str) -> None:
         check_fields(row, REGULARIZER_ROW, set(), f"{where}: rows[{i}]")
 
 
+MODEL_SCALE_FACT = {"case", "channels", "size", "repeats", "nested_s", "banded_s", "speedup",
+                    "nested_flops", "banded_flops", "nested_bytes", "banded_bytes",
+                    "nested_gflops_per_s", "banded_gflops_per_s"}
+MODEL_SCALE_EXT = {"case", "channels", "size", "nested_s", "banded_s", "speedup", "sigma_max",
+                   "sigma_min", "converged", "n_factorizations", "rel_diff_nested_banded"}
+MODEL_SCALE_WRN = {"layer", "count", "plan", "flops", "bytes", "banded_flops", "banded_bytes",
+                   "projected_s"}
+
+
+def check_model_scale(record: dict, where: str) -> None:
+    check_fields(record, {"benchmark", "dtype", "factorisations", "extremes", "wrn",
+                          "rate_gflops_per_s", "wrn_projected_s", "wrn_peak_bytes", "target",
+                          "met", "environment"}, set(), where)
+    check_fields(record["environment"], ENVIRONMENT, set(), f"{where}: environment")
+    for key, fields, optional in (("factorisations", MODEL_SCALE_FACT, set()),
+                                  ("extremes", MODEL_SCALE_EXT, {"rel_diff_dense"}),
+                                  ("wrn", MODEL_SCALE_WRN, set())):
+        for i, row in enumerate(record[key]):
+            check_fields(row, fields, optional, f"{where}: {key}[{i}]")
+
+
 SCHEMAS: Dict[str, Callable[[dict, str], None]] = {
     "penalty": check_penalty, "spectrum": check_spectrum, "svb": check_svb,
-    "regularizer": check_regularizer,
+    "regularizer": check_regularizer, "model_scale": check_model_scale,
 }
 
 
@@ -275,6 +297,42 @@ def regularizer_block(record: dict) -> str:
     repeats = ", ".join(sorted({str(r["repeats"]) for r in record["rows"]}))
     return (table(header, rows) + f"\n\n{record['dtype']}, median of {repeats} interleaved "
             f"repeats; target: {record['target']}.\n" + machine(record["environment"]))
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2g}" if n < 1e9 else f"{n / 1e9:.1f}"
+
+
+def model_scale_block(record: dict) -> str:
+    fact = [[r["case"], sig(r["banded_s"]), sig(r["nested_s"]), f"{sig(r['speedup'], 2)}x",
+             f"{exp(r['banded_flops'])} / {exp(r['nested_flops'])}",
+             f"{gb(r['banded_bytes'])} / {gb(r['nested_bytes'])}",
+             f"{sig(r['banded_gflops_per_s'], 2)} / {sig(r['nested_gflops_per_s'], 2)}"]
+            for r in record["factorisations"]]
+    out = table(["Gram factorisation", "band (s)", "nested (s)", "speedup",
+                 "flops: band / nested", "GB: band / nested", "Gflop/s: band / nested"], fact)
+    ext = []
+    for r in record["extremes"]:
+        agree = exp(r["rel_diff_nested_banded"])
+        if "rel_diff_dense" in r:
+            agree += f" (vs dense SVD: {exp(r['rel_diff_dense'])})"
+        ext.append([r["case"], sig(r["banded_s"]), sig(r["nested_s"]),
+                    f"{sig(r['speedup'], 2)}x", yes(r["converged"]), agree])
+    out += "\n\n" + table(["sigma_max and sigma_min", "through the band (s)",
+                            "through nested dissection (s)", "speedup", "converged",
+                            "rel. diff"], ext)
+    wrn = [[r["layer"], str(r["count"]), r["plan"], exp(r["flops"]), exp(r["banded_flops"]),
+            gb(r["bytes"]), gb(r["banded_bytes"]), sig(r["projected_s"] / 60, 2)]
+           for r in record["wrn"]]
+    out += "\n\n" + table(["WRN-28-10 conv (at its input size)", "layers", "plan",
+                            "flops per layer (3 factorisations)", "flops, band only",
+                            "GB", "GB, band only", "projected min (all such layers)"], wrn)
+    rate = record["rate_gflops_per_s"]
+    out += (f"\n\nWRN-28-10 in all: **{sig(record['wrn_projected_s'] / 60, 3)} min** projected at "
+            f"{sig(rate, 3)} Gflop/s (the best nested rate measured above), peak "
+            f"**{gb(record['wrn_peak_bytes'])} GB**; target: {record['target']}; met: "
+            f"{yes(record['met'])}.\n" + machine(record["environment"]))
+    return out
 
 
 # --- the first screen ----------------------------------------------------------------------
@@ -459,6 +517,7 @@ BLOCKS = {
     "spectrum": lambda records, records_dir: spectrum_block(records["spectrum"]),
     "svb": lambda records, records_dir: svb_block(records["svb"]),
     "regularizer": lambda records, records_dir: regularizer_block(records["regularizer"]),
+    "model_scale": lambda records, records_dir: model_scale_block(records["model_scale"]),
 }
 
 

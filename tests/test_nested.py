@@ -19,6 +19,9 @@ CASES = [  # (h, g, k, n, kw)
     (5, 3, (3, 2), (10, 5), dict(stride=(2, 1))),
     (3, 2, (2, 3), (8, 11), dict(padding=(0, 2))),
     (2, 3, 3, (7, 8), dict(padding_mode="reflect")),
+    (3, 2, 1, (6, 7), dict(padding=0)),  # 1 x 1: reach 0, empty separators
+    (4, 3, 1, (8, 6), dict(padding=0, stride=2)),
+    (3, 3, (1, 3), (6, 9), dict(padding=(0, 1))),  # reach 0 on one axis only
 ]
 
 
@@ -65,7 +68,7 @@ def test_solve_inertia_and_certificates_match_the_dense_gram(h, g, k, n, kw):
 
 
 @pytest.mark.parametrize("shape,r", [((9, 9), (2, 2)), ((16, 5), (2, 1)), ((4, 13), (1, 3)),
-                                     ((6, 6), (0, 2)), ((1, 1), (2, 2))])
+                                     ((6, 6), (0, 2)), ((7, 5), (0, 0)), ((1, 1), (2, 2))])
 def test_dissection_tree_partitions_the_grid(shape, r):
     nodes = dissection_tree(*shape, *r)
     seps = np.concatenate([n.sep for n in nodes])
@@ -109,6 +112,11 @@ def test_nested_is_cheaper_than_banded_at_scale_and_is_picked():
     assert plan.nested
     small = sp._plan_factor(*sp._group_weights(w[:2, :2], conv_geometry(w[:2, :2], 6, padding=1)))
     assert not small.nested  # a small grid: the band is cheaper
+    # A 1 x 1 stride-2 shortcut (WRN): pixels do not couple, and the empty separators of
+    # nested dissection leave c x c fronts, where the band factorises whole image rows.
+    w = torch.randn(64, 32, 1, 1, dtype=torch.float64)
+    plan = sp._plan_factor(*sp._group_weights(w, conv_geometry(w, 32, stride=2)))
+    assert plan.nested and plan.flops < 0.3 * sp._banded_cost(16, 16 * 64, 0, 1, 1)[0]
 
 
 @pytest.fixture

@@ -38,6 +38,11 @@ import torch
 #: A rectangle with at most this many pixels is a leaf (eliminated in one front).
 LEAF_PIXELS = 4
 
+#: Flops that the Python and indexing work of one front costs in time (about 1 ms at about
+#: 1e10 flop/s on one core, measured against the band at c = 4..16, N = 16..32): with it the
+#: plan keeps the band for small grids, where the many small fronts do not pay off.
+NODE_OVERHEAD_FLOPS = 1e7
+
 #: Rows per GEMM of the lower-triangle update (``_syrk_lower_``).
 _SYRK_BLOCK = 512
 
@@ -80,12 +85,13 @@ def dissection_tree(R1: int, R2: int, r1: int, r2: int, leaf: int = LEAF_PIXELS)
 
     def split(a: int, b: int, c: int, d: int) -> int:
         h, w = b - a, d - c
-        can_rows, can_cols = r1 >= 1 and h >= r1 + 2, r2 >= 1 and w >= r2 + 2
+        # (a reach of 0 splits with an empty separator: the halves do not couple at all)
+        can_rows, can_cols = h >= r1 + 2, w >= r2 + 2
         if h * w <= leaf or not (can_rows or can_cols):
             nodes.append(_Node(_rect(a, b, c, d, R2), _ring(a, b, c, d, r1, r2, R1, R2), []))
             return len(nodes) - 1
         # the smaller separator: r1 rows of w pixels, or r2 columns of h pixels
-        by_rows = can_rows and (not can_cols or r1 * w <= r2 * h)
+        by_rows = can_rows and (not can_cols or r1 * w < r2 * h or (r1 * w == r2 * h and h >= w))
         if by_rows:
             m = a + (h - r1) // 2
             kids = [split(a, m, c, d), split(m + r1, b, c, d)]
@@ -113,7 +119,7 @@ def nested_cost(R1: int, R2: int, r1: int, r2: int, c: int) -> Tuple[float, int,
     flops, kept, peak, peak_once, pending = 0.0, 0, 0, 0, []
     for node in dissection_tree(R1, R2, r1, r2):
         s, u = len(node.sep) * c, len(node.upd) * c
-        flops += s**3 / 3 + s * s * u + s * u * (u + _SYRK_BLOCK)
+        flops += s**3 / 3 + s * s * u + s * u * (u + _SYRK_BLOCK) + NODE_OVERHEAD_FLOPS
         for _ in node.children:
             pending.pop()
         # the front, its copy of the update, and the updates waiting for their parent
@@ -150,7 +156,7 @@ class NestedCholesky:
         where = np.full(R1 * R2, -1, dtype=np.int64)
         offsets = [(di, dj) for di in range(-r1, r1 + 1) for dj in range(-r2, r2 + 1)]
         self.nodes = nodes
-        self.factors: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.factors: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = []
         self.ok, self.negatives = True, 0
         pending: List[torch.Tensor] = []
         biggest = max(len(node.sep) + len(node.upd) for node in nodes) * cc
@@ -175,7 +181,8 @@ class NestedCholesky:
             # entries their own (earlier) fronts held as their U: the latter are skipped.
             mine = py >= 0
             ix, jx, iy, jy, px, py = (a[mine] for a in (ix, jx, iy, jy, px, py))
-            coef = torch.einsum("npr,nqs->npqrs", z1p[ix, iy], z2p[jx, jy]).reshape(len(ix), -1)
+            coef = torch.einsum("npr,nqs->npqrs", z1p[ix, iy], z2p[jx, jy]).reshape(
+                len(ix), gram_cc.shape[0])
             blocks = (coef @ gram_cc).reshape(-1, cc, cc)  # (pairs, c, c)
             if negate:
                 blocks = -blocks
@@ -200,7 +207,11 @@ class NestedCholesky:
                 del upd
             where[front_px] = -1
             fss, fus = f[:s, :s], f[s:, :s]
-            if inertia:
+            if s == 0:  # an empty separator (reach 0): the children's updates pass through
+                upd = f
+                if keep:
+                    self.factors.append(None)
+            elif inertia:
                 fss.copy_(fss.tril() + fss.tril(-1).T)  # only the lower triangle was formed
                 ld, piv, info = torch.linalg.ldl_factor_ex(fss)
                 if int(info) != 0:
@@ -232,15 +243,19 @@ class NestedCholesky:
         """``(Gram + shift I)^-1 b`` for ``b`` in the ``(i, j, a)`` layout."""
         cc = self.channels
         x = b.reshape(self.pixels, cc).clone()
-        ys = []
-        for node, (lss, lus) in zip(self.nodes, self.factors):
+        for node, factor in zip(self.nodes, self.factors):
+            if factor is None:
+                continue
+            lss, lus = factor
             sep, upd = torch.as_tensor(node.sep), torch.as_tensor(node.upd)
             y = torch.linalg.solve_triangular(lss, x[sep].reshape(-1, 1), upper=False)
             x[sep] = y.reshape(-1, cc)
             if len(upd):
                 x.index_add_(0, upd, (lus @ y).reshape(-1, cc), alpha=-1)
-            ys.append(y)
-        for node, (lss, lus) in zip(self.nodes[::-1], self.factors[::-1]):
+        for node, factor in zip(self.nodes[::-1], self.factors[::-1]):
+            if factor is None:
+                continue
+            lss, lus = factor
             sep, upd = torch.as_tensor(node.sep), torch.as_tensor(node.upd)
             rhs = x[sep].reshape(-1, 1)
             if len(upd):

@@ -307,9 +307,10 @@ def _fft_applicable(geom: ConvGeometry) -> Optional[str]:
 #
 # Note [transfer SVD]: the transfer matrices go to LAPACK's gesdd (values only) through
 # numpy.linalg.svd, one call per chunk: backward stable like torch.linalg.svdvals (absolute
-# error a small multiple of eps sigma_max(T)). numpy's is used because it was 1.1-1.5x faster
-# than torch's for complex 64 x 64 matrices on this project's benchmark machine (numpy ships
-# OpenBLAS, torch's CPU build MKL) and within noise elsewhere (benchmarks/fft.py). The
+# error a small multiple of eps sigma_max(T)). numpy's is used because it was 1.2-1.5x faster
+# than torch's for complex 64 x 64 matrices on this project's 2-core benchmark machine (numpy
+# ships OpenBLAS, torch's CPU build MKL; benchmarks/fft.py's ablation: 1.19x), while neither was
+# consistently faster for 16 x 16 to 48 x 48 and rectangular ones. The
 # eigenvalues of the Hermitian Gram T^H T (eigvalsh) are not used: they square the condition
 # number (sigma from lambda = sigma^2 has absolute error ~ eps sigma_max^2 / sigma, up to
 # sqrt(eps) sigma_max for the smallest values, where gesdd has eps sigma_max), and the GEMM plus
@@ -1262,9 +1263,10 @@ def conv_singular_values(
       ``N1 N2 / (2 s1 s2)`` SVDs per group (514 for ``N1' = N2' = 32``),
       ``O(G N1 N2 / (s1 s2) h' g' min(h', g' s1 s2))`` time, in chunks of bounded memory; for
       ``which`` ``'extremes'``/``'max'`` streamed, for ``'all'`` refused when the values exceed
-      ``max_bytes``. ``ValueError`` if not applicable. At ``g = h = 64``, ``N = 32`` it takes
-      about half the time of Sedghi et al.'s ``np.fft.fft2`` plus ``np.linalg.svd`` over every
-      frequency, with the same values to ``1e-12`` of ``sigma_max`` (``benchmarks/fft.py``).
+      ``max_bytes``. ``ValueError`` if not applicable. At ``g = h = 64``, ``N = 32`` (one torch
+      thread) it took half the time of Sedghi et al.'s ``np.fft.fft2`` plus ``np.linalg.svd``
+      over every frequency, with the same values to ``1e-12`` of ``sigma_max``
+      (``benchmarks/fft.py``).
     * ``'iterative'``: any padding, ``which`` ``'extremes'`` or ``'max'``; never forms ``M``.
       ``sigma_max``: thick-restart Lanczos (full reorthogonalisation, :mod:`convspec.linalg`) on
       ``M^T M`` (or ``M M^T`` if ``M`` is wide) applied by ``F.conv2d`` /

@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/penalty.py --out benchmarks/results --threads 1
 	$(PY) benchmarks/svb.py --out benchmarks/results
 	$(PY) benchmarks/spectrum.py --out benchmarks/results
+	$(PY) benchmarks/fft.py --out benchmarks/results
 	$(PY) benchmarks/regularizer.py --out benchmarks/results --threads 1
 	$(PY) benchmarks/readme_tables.py
 

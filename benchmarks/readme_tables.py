@@ -4,9 +4,9 @@ Run: ``python benchmarks/readme_tables.py [--check] [--readme README.md] [--resu
 
 The README holds generated blocks between marker comments, ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->``: ``results`` (the results table on the first screen), ``penalty``,
-``spectrum``, ``svb``, ``regularizer`` and ``model_scale`` (the tables of the Benchmarks
-section, one per JSON file),
-and ``jia_fmnist`` (record 2's tables, from ``records/jia_fmnist/*/summary.*``). Without
+``spectrum``, ``fft``, ``svb``, ``regularizer`` and ``model_scale`` (the tables of the
+Benchmarks section, one per JSON file), and ``jia_fmnist`` (record 2's tables, from
+``records/jia_fmnist/*/summary.*``). Without
 ``--check`` the blocks are rewritten in place; with it nothing is written and the exit status is
 1 when the README differs from what the JSON gives (a diff is printed). Prose outside the blocks
 is not touched.
@@ -108,6 +108,25 @@ def check_spectrum(record: dict, where: str) -> None:
             f"{where}: rows[{i}]")
 
 
+FFT_TIMED = ("reference", "convspec", "pairs_torch_svdvals", "every_frequency")
+FFT_ROW = {"torch_threads", "reference_s", "convspec_s", "ratio", "pairs_torch_svdvals_s",
+           "every_frequency_s", "runs_s", "n_svd_reference", "n_svd_convspec", "max_rel_diff",
+           "max_abs_diff_over_sigma_max", "rel_diff_sum_of_squares_reference",
+           "rel_diff_sum_of_squares_convspec", "met"}
+
+
+def check_fft(record: dict, where: str) -> None:
+    check_fields(record, {"benchmark", "dtype", "case", "reference", "repeats", "target",
+                          "omp_num_threads", "dense_check", "rows", "environment"}, set(), where)
+    check_fields(record["environment"], ENVIRONMENT, set(), f"{where}: environment")
+    check_fields(record["dense_check"], {"case", "convspec_max_abs_diff_over_sigma_max",
+                                         "reference_max_abs_diff_over_sigma_max"}, set(),
+                 f"{where}: dense_check")
+    for i, row in enumerate(record["rows"]):
+        check_fields(row, FFT_ROW, set(), f"{where}: rows[{i}]")
+        check_fields(row["runs_s"], FFT_TIMED, set(), f"{where}: rows[{i}]: runs_s")
+
+
 SVB_METHODS = ("convspec.svb_", "naive float32", "naive float64")
 
 
@@ -159,7 +178,7 @@ def check_model_scale(record: dict, where: str) -> None:
 
 
 SCHEMAS: Dict[str, Callable[[dict, str], None]] = {
-    "penalty": check_penalty, "spectrum": check_spectrum, "svb": check_svb,
+    "penalty": check_penalty, "spectrum": check_spectrum, "fft": check_fft, "svb": check_svb,
     "regularizer": check_regularizer, "model_scale": check_model_scale,
 }
 
@@ -266,6 +285,36 @@ def spectrum_block(record: dict) -> str:
     header = ["case", "dense baseline (s)", "convspec (s)", "ratio", "operator products",
               "agreement (rel.)", "target", "met"]
     return table(header, rows) + "\n\n" + machine(record["environment"], record.get("note"))
+
+
+def fft_block(record: dict) -> str:
+    def timed(r: dict, key: str) -> str:
+        runs = r["runs_s"][key]
+        return f"{sig(r[key + '_s'])} ({sig(min(runs))}-{sig(max(runs))})"
+
+    rows = [[str(r["torch_threads"]), timed(r, "reference"), timed(r, "convspec"),
+             f"**{sig(r['ratio'])}x**", f"{r['n_svd_reference']} / {r['n_svd_convspec']}",
+             f"{exp(r['max_abs_diff_over_sigma_max'], 2)} / {exp(r['max_rel_diff'], 2)}",
+             timed(r, "pairs_torch_svdvals"), timed(r, "every_frequency"), yes(r["met"])]
+            for r in record["rows"]]
+    header = ["torch threads", "reference (s)", "convspec (s)", "ratio",
+              "SVDs: reference / convspec", "max diff / sigma_max, max rel. diff per value",
+              "ablation: pairs, torch's LAPACK (s)",
+              "ablation: every frequency, numpy's LAPACK (s)", "met"]
+    dense = record["dense_check"]
+    sums = max(max(r["rel_diff_sum_of_squares_reference"], r["rel_diff_sum_of_squares_convspec"])
+               for r in record["rows"])
+    omp = record["omp_num_threads"]
+    return (table(header, rows)
+            + f"\n\n{record['case']}, {record['dtype']}; reference: {record['reference']}. Median "
+            f"(min-max) of {record['repeats']} interleaved repeats; `OMP_NUM_THREADS={omp}` "
+            "(numpy's OpenBLAS threads). Both spectra give `sum sigma^2 = ||M||_F^2` "
+            + ("exactly" if sums == 0 else f"to {exp(sums)}") + "; against the dense SVD at "
+            f"{dense['case']}: convspec {exp(dense['convspec_max_abs_diff_over_sigma_max'], 2)}, "
+            f"reference {exp(dense['reference_max_abs_diff_over_sigma_max'], 2)} of sigma_max. "
+            f"Target: {record['target']}.\n"
+            + machine(record["environment"], "the torch threads of each row are in its first "
+                      "column; the environment records those the process ended with."))
 
 
 def svb_block(record: dict) -> str:
@@ -515,6 +564,7 @@ BLOCKS = {
     "results": lambda records, records_dir: first_screen_block(records, records_dir),
     "penalty": lambda records, records_dir: penalty_block(records["penalty"]),
     "spectrum": lambda records, records_dir: spectrum_block(records["spectrum"]),
+    "fft": lambda records, records_dir: fft_block(records["fft"]),
     "svb": lambda records, records_dir: svb_block(records["svb"]),
     "regularizer": lambda records, records_dir: regularizer_block(records["regularizer"]),
     "model_scale": lambda records, records_dir: model_scale_block(records["model_scale"]),

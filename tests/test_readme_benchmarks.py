@@ -33,7 +33,7 @@ def test_readme_tables_match_the_results():
 
 def test_every_block_is_in_the_readme_once():
     readme = (ROOT / "README.md").read_text()
-    for name in ("results", "penalty", "spectrum", "svb", "regularizer"):
+    for name in ("results", "penalty", "spectrum", "fft", "svb", "regularizer"):
         assert readme.count(f"<!-- bench:{name} -->") == 1
         assert readme.count(f"<!-- /bench:{name} -->") == 1
 
@@ -87,6 +87,10 @@ def test_check_fails_when_the_readme_is_edited_by_hand(workspace):
     ("svb", ("rows", 2, "seconds")),
     ("svb", ()),
     ("spectrum", ("environment",)),
+    ("fft", ("rows", 0)),
+    ("fft", ("rows", 1, "runs_s")),
+    ("fft", ("dense_check",)),
+    ("fft", ()),
 ])
 def test_an_unknown_field_fails_loudly(workspace, capsys, name, path):
     def change(record):

@@ -6,7 +6,9 @@ Three exact routes and one certified bound, all for the operator that ``nn.Conv2
 * ``'dense'``: SVD of ``M`` formed explicitly, one block per group. The reference.
 * ``'fft'``: circular padding with ``P * stride == N`` on each axis: ``M`` is (a polyphase
   rearrangement of) a block circulant, diagonalised by the 2-D DFT into ``N1 N2 / (s1 s2)``
-  transfer matrices of size ``h x (g s1 s2)``, whose singular values are those of ``M``.
+  transfer matrices of size ``h x (g s1 s2)``, whose singular values are those of ``M``. The
+  kernel is real, so they come in complex-conjugate pairs with equal singular values: one SVD
+  per pair (Note [conjugate pairs]).
 * ``'iterative'``: anything, ``which='extremes'`` or ``'max'``. ``sigma_max`` by Lanczos on the
   Gram operator applied through ``F.conv2d`` and its transpose; ``sigma_min`` by shift-and-invert
   Lanczos with a Cholesky factorisation of the Gram operator assembled from the kernel (never
@@ -288,6 +290,34 @@ def _fft_applicable(geom: ConvGeometry) -> Optional[str]:
 # matrices T(w)[i, (j, r1, r2)] = sum over taps with phases (r1, r2) of
 # K[i, j, p, q] exp(-2 pi i (w1 q1_p / N1' + w2 q2_q / N2')). The union of their singular values
 # is the spectrum of M (Sedghi et al. 2019, Theorem 6, for s = 1).
+#
+# Note [conjugate pairs]: the kernel is real and w enters T(w) only through the phases
+# exp(-2 pi i w_j q / N_j'), so T(-w) = conj(T(w)) (frequencies mod N_j' on every axis), in
+# every geometry of the Note above: stride, dilation, padding and groups change q, r and the
+# block structure but not this. conj(T) = conj(U) S conj(V)^H has the singular values of T, so
+# one SVD serves both members of a pair {w, -w}, whose values then count twice. A frequency is
+# self-conjugate (w = -w) when each w_j is 0 or N_j' / 2 (N_j' even); its T is real and counts
+# once. One representative of each pair: with j* the last axis whose w_j* is not 0 or
+# N_j*' / 2, take 0 < w_j* < N_j*' / 2, any w_j before j*, and w_j in {0, N_j' / 2} after it
+# (the self-conjugate w have no j*). The pair's other member has the same j* and the same w_j
+# after it but -w_j* = N_j*' - w_j* > N_j*' / 2, so exactly one member of every pair is taken:
+# (prod N_j' + S) / 2 SVDs instead of prod N_j', S = prod (1 + [N_j' even]) self-conjugate ones
+# (514 instead of 1024 at N' = 32 x 32). Contracting the last axis first, this is: the last axis
+# takes 0 .. floor(N'/2); each earlier axis takes all its frequencies below a block of
+# non-self-conjugate later frequencies, and again 0 .. floor(N'/2) below a self-conjugate one.
+# The pairing is exact, not a rounding argument: the SVD of T(w) is as accurate as that of
+# conj(T(w)) would be, and the FFT tests compare the duplicated values with the dense SVD.
+#
+# Note [transfer SVD]: the transfer matrices go to LAPACK's gesdd (values only) through
+# numpy.linalg.svd, one call per chunk: backward stable like torch.linalg.svdvals (absolute
+# error a small multiple of eps sigma_max(T)). numpy's is used because it was 1.2-1.5x faster
+# than torch's for complex 64 x 64 matrices on this project's 2-core benchmark machine (numpy
+# ships OpenBLAS, torch's CPU build MKL; benchmarks/fft.py's ablation: 1.19x), while neither was
+# consistently faster for 16 x 16 to 48 x 48 and rectangular ones. The
+# eigenvalues of the Hermitian Gram T^H T (eigvalsh) are not used: they square the condition
+# number (sigma from lambda = sigma^2 has absolute error ~ eps sigma_max^2 / sigma, up to
+# sqrt(eps) sigma_max for the smallest values, where gesdd has eps sigma_max), and the GEMM plus
+# eigvalsh measured no faster than gesdd at 64 x 64.
 
 
 def _phases(ax: AxisGeometry) -> Tuple[torch.Tensor, np.ndarray]:
@@ -301,80 +331,111 @@ def _phases(ax: AxisGeometry) -> Tuple[torch.Tensor, np.ndarray]:
     return e, r
 
 
-_TAP, _PHASE, _FREQ = "pqr", "uvw", "xyz"  # einsum letters for up to three spatial axes
+_TAP, _PHASE = "pqr", "uvw"  # einsum letters for up to three spatial axes
 
 
 def _transfer_plan(
-    weight: torch.Tensor, axes: Tuple[AxisGeometry, ...], half: bool, chunk_bytes: int,
+    weight: torch.Tensor, axes: Tuple[AxisGeometry, ...], pairs: bool, chunk_bytes: int,
 ) -> Tuple[List[int], List[int]]:
-    """``(n, c)``: frequencies per axis and the chunk of them :func:`_transfer_chunks` takes.
+    """``(n, c)``: frequencies per axis and the most of them a chunk of :func:`_transfer_chunks`
+    takes per axis.
 
     Axes are contracted last to first; the intermediate at axis ``j`` holds the taps of the
     axes before it and ``c_j ... c_d`` frequencies, so each ``c_j`` is chosen to keep it near
-    ``chunk_bytes``.
+    ``chunk_bytes``. With ``pairs`` the last axis contributes at most ``n_d // 2 + 1``.
     """
     G, hg, gg, *ks = weight.shape
     ns = [ax.size // ax.stride for ax in axes]
-    if half:
-        ns[-1] = ns[-1] // 2 + 1
     per_freq = G * hg * gg * math.prod(ax.stride for ax in axes) * 16
     cs = [1] * len(axes)
     block = 1
     for j in range(len(axes) - 1, -1, -1):
-        cs[j] = max(1, min(ns[j], chunk_bytes // (per_freq * math.prod(ks[:j]) * block)))
+        most = ns[j] // 2 + 1 if pairs and j == len(axes) - 1 else ns[j]
+        cs[j] = max(1, min(most, chunk_bytes // (per_freq * math.prod(ks[:j]) * block)))
         block *= cs[j]
     return ns, cs
+
+
+def _axis_blocks(n: int, c: int, halve: bool) -> List[Tuple[int, int, bool]]:
+    """Frequency blocks ``(start, stop, self_conjugate)`` of one axis, each at most ``c`` long.
+
+    Without ``halve``: ``0 .. n - 1``, no block self-conjugate. With it (every later axis'
+    frequency is self-conjugate, Note [conjugate pairs]): ``{0}``, ``1 .. ceil(n / 2) - 1`` and
+    ``{n / 2}`` for even ``n``, the two singletons self-conjugate.
+
+    >>> _axis_blocks(8, 2, True)
+    [(0, 1, True), (1, 3, False), (3, 4, False), (4, 5, True)]
+    >>> _axis_blocks(5, 8, True), _axis_blocks(1, 8, True), _axis_blocks(5, 8, False)
+    ([(0, 1, True), (1, 3, False)], [(0, 1, True)], [(0, 5, False)])
+    """
+    if not halve:
+        return [(b, min(b + c, n), False) for b in range(0, n, c)]
+    top = (n + 1) // 2  # the first frequency past the pairs' representatives 1 .. top - 1
+    blocks = [(0, 1, True)] + [(b, min(b + c, top), False) for b in range(1, top, c)]
+    if n % 2 == 0:
+        blocks.append((n // 2, n // 2 + 1, True))
+    return blocks
 
 
 def _transfer_chunks(
     weight: torch.Tensor,
     axes: Tuple[AxisGeometry, ...],
-    half: bool = False,
+    pairs: bool = False,
     chunk_bytes: int = 2**27,
-) -> Iterator[torch.Tensor]:
-    """Yield the transfer matrices of Note [polyphase transfer matrices], in chunks.
+) -> Iterator[Tuple[torch.Tensor, int]]:
+    """Yield ``(T, multiplicity)``: the transfer matrices of Note [polyphase transfer
+    matrices], in chunks, each with how many times its singular values occur in ``M``'s.
 
-    ``weight`` is ``(G, h', g', *k)`` with one to three spatial axes; ``axes`` give size,
+    ``weight`` is ``(G, h', g', *k)`` (real) with one to three spatial axes; ``axes`` give size,
     stride, dilation and ``pad_lo`` (``size`` divisible by ``stride``). Each chunk is
     ``(G, c, h', g' prod(s))`` complex128 for ``c`` frequencies (a block of each axis'
     frequencies), at most about ``chunk_bytes``, and so is every partially contracted kernel it
-    is made from: memory does not grow with ``N``. With ``half``, only the last axis'
-    frequencies ``w_d <= N_d' / 2``: the kernel is real, so ``T(-w) = conj(T(w))`` has the same
-    singular values and the other half adds nothing.
+    is made from: memory does not grow with ``N``. Without ``pairs`` every frequency comes once
+    (multiplicity 1); with it one frequency of each conjugate pair ``{w, -w}``, multiplicity 2,
+    and each self-conjugate one, multiplicity 1 (Note [conjugate pairs]).
     """
     G, hg, gg, *ks = weight.shape
     d = len(axes)
-    ns, cs = _transfer_plan(weight, axes, half, chunk_bytes)
+    ns, cs = _transfer_plan(weight, axes, pairs, chunk_bytes)
     es, rs = zip(*(_phases(ax) for ax in axes))
-    taps, phases, freqs = _TAP[:d], _PHASE[:d], _FREQ[:d]
-    # Scatter each tap to its input phase: (G, h', g', s_1..s_d, k_1..k_d), zero off its phase.
+    taps, phases = _TAP[:d], _PHASE[:d]
+    # Scatter each tap to its input phase: (G, k_1..k_d, h', g', s_1..s_d), zero off its phase.
     onehots = []
     for j, ax in enumerate(axes):
         oh = torch.zeros(ks[j], ax.stride, dtype=torch.float64)
         oh[torch.arange(ks[j]), torch.as_tensor(rs[j])] = 1
         onehots.append(oh)
-    spec = f"gij{taps}," + ",".join(taps[j] + phases[j] for j in range(d)) + f"->gij{phases}{taps}"
-    wp = torch.einsum(spec, weight.to(torch.float64), *onehots).to(torch.complex128)
+    spec = f"gij{taps}," + ",".join(taps[j] + phases[j] for j in range(d)) + f"->g{taps}ij{phases}"
+    wp = torch.einsum(spec, weight.to(torch.float64), *onehots).to(torch.complex128).contiguous()
     width = gg * math.prod(ax.stride for ax in axes)
 
-    def contract(t: torch.Tensor, j: int) -> Iterator[torch.Tensor]:
+    # Axes are numbered 0 .. d-1 here. Before contracting axis j, t is
+    # (G k_0 ... k_j, c_{j+1} ... c_{d-1} h' width): the taps of the axes not yet contracted, then
+    # the chunk's frequencies of the others. Contracting axis j is one batched GEMM whose output
+    # is already in this layout, and after axis 0 it is (G, c_0 ... c_{d-1}, h', width): the
+    # chunk, without a copy.
+    def contract(t: torch.Tensor, j: int, halve: bool) -> Iterator[Tuple[torch.Tensor, int]]:
         if j < 0:
-            yield torch.einsum(f"gij{phases}{freqs}->g{freqs}ij{phases}", t).reshape(
-                G, -1, hg, width)
+            yield t.view(G, -1, hg, width), 2 if pairs and not halve else 1
             return
-        e = es[j][: ns[j]]
-        for b0 in range(0, ns[j], cs[j]):
-            t2 = torch.einsum(
-                f"gij{phases}{taps[:j + 1]}{freqs[j + 1:]},{freqs[j]}{taps[j]}"
-                f"->gij{phases}{taps[:j]}{freqs[j:]}", t, e[b0 : b0 + cs[j]])
-            yield from contract(t2, j - 1)
+        t3 = t.view(-1, ks[j], t.shape[-1])
+        for b0, b1, self_conj in _axis_blocks(ns[j], cs[j], halve):
+            t2 = torch.matmul(es[j][b0:b1], t3)  # (G k_0 ... k_{j-1}, c_j, c_{j+1} ... h' width)
+            yield from contract(t2.view(t3.shape[0], -1), j - 1, self_conj)
 
-    yield from contract(wp, d - 1)
+    yield from contract(wp.view(G * math.prod(ks), -1), d - 1, pairs)
 
 
-def _n_chunks(weight, axes, half, chunk_bytes) -> int:
-    ns, cs = _transfer_plan(weight, axes, half, chunk_bytes)
-    return math.prod(-(-n // c) for n, c in zip(ns, cs))
+def _n_chunks(weight, axes, pairs, chunk_bytes) -> int:
+    """How many chunks :func:`_transfer_chunks` yields (for the progress bar)."""
+    ns, cs = _transfer_plan(weight, axes, pairs, chunk_bytes)
+
+    def count(j: int, halve: bool) -> int:
+        if j < 0:
+            return 1
+        return sum(count(j - 1, sc) for _, _, sc in _axis_blocks(ns[j], cs[j], halve))
+
+    return count(len(axes) - 1, pairs)
 
 
 def _chunk_bytes(max_bytes: int) -> int:
@@ -382,13 +443,20 @@ def _chunk_bytes(max_bytes: int) -> int:
     return int(max(2**16, min(2**27, max_bytes // 8)))
 
 
+def _transfer_svdvals(t: torch.Tensor) -> np.ndarray:
+    """Singular values of each matrix of a complex128 batch ``(..., m, n)`` (Note [transfer
+    SVD]): LAPACK gesdd through ``numpy.linalg.svd``, values only, descending per matrix."""
+    return np.linalg.svd(t.numpy(), compute_uv=False)
+
+
 def _fft_spectrum(
     w: torch.Tensor, geom1: ConvGeometry, which: str, max_bytes: int, progress: Optional[bool],
 ) -> Tuple[Optional[torch.Tensor], float, float]:
     """``(values or None, sigma_max, sigma_min)`` of the grouped circular operator.
 
-    ``which='all'`` keeps every value (refused above ``max_bytes``, with the estimate); otherwise
-    the chunks stream through a running max and min over half of the frequencies.
+    One SVD per conjugate pair of frequencies (Note [conjugate pairs]). ``which='all'`` keeps
+    every value, a pair's twice (refused above ``max_bytes``, with the estimate); otherwise the
+    chunks stream through a running max and min.
     """
     G, hg, gg = w.shape[:3]
     per = min(hg, gg * math.prod(ax.stride for ax in geom1.axes))
@@ -401,23 +469,23 @@ def _fft_spectrum(
                 f"sort, above max_bytes={max_bytes} ({max_bytes / 2**20:.1f} MiB); pass "
                 "which='extremes' or 'max' (streamed in bounded memory) or a larger max_bytes"
             )
-    half = which != "all"
     chunk = _chunk_bytes(max_bytes)
-    total = _n_chunks(w, geom1.axes, half, chunk)
-    vals: List[torch.Tensor] = []
+    total = _n_chunks(w, geom1.axes, True, chunk)
+    vals: List[np.ndarray] = []
     smax, smin = 0.0, math.inf
     with _work(total, "spectrum (fft)", progress, "conv_singular_values(method='fft')") as work:
-        for i, t in enumerate(_transfer_chunks(w, geom1.axes, half=half, chunk_bytes=chunk)):
-            sv = torch.linalg.svdvals(t).reshape(-1)
+        for i, (t, mult) in enumerate(_transfer_chunks(w, geom1.axes, True, chunk)):
+            sv = _transfer_svdvals(t).reshape(-1)
             if which == "all":
-                vals.append(sv)
+                vals.extend([sv] * mult)
             else:
                 smax, smin = max(smax, float(sv.max())), min(smin, float(sv.min()))
             work.update(1)
             work.estimate(i + 1, total)
     if which != "all":
         return None, smax, smin
-    values = torch.sort(torch.cat(vals), descending=True).values
+    # numpy's sort (SIMD) took 0.3 ms for 65536 values where torch.sort took 7 ms.
+    values = torch.from_numpy(np.sort(np.concatenate(vals))[::-1].copy())
     return values, float(values[0]), float(values[-1])
 
 
@@ -1244,10 +1312,16 @@ def conv_singular_values(
       (``h' = h/G``), refused above ``max_bytes``.
     * ``'fft'``: circular padding with ``P * stride == N`` on both axes (padding totalling
       ``dilation * (k - 1)``, stride dividing ``N``); exact to float64 rounding as ``'dense'``.
-      One SVD of an ``h' x (g' s1 s2)`` transfer matrix per frequency and group:
-      ``O(G N1 N2 / (s1 s2) h' g' min(h', g' s1 s2))``, in chunks of bounded memory; for
-      ``which`` ``'extremes'``/``'max'`` streamed over half the frequencies (real kernel), for
-      ``'all'`` refused when the values exceed ``max_bytes``. ``ValueError`` if not applicable.
+      One SVD (LAPACK ``gesdd`` through numpy) of an ``h' x (g' s1 s2)`` transfer matrix per
+      group and conjugate pair of frequencies ``{w, -w}`` (a real kernel's ``T(-w)`` is
+      ``conj(T(w))``, with the same singular values, which then count twice): about
+      ``N1 N2 / (2 s1 s2)`` SVDs per group (514 for ``N1' = N2' = 32``),
+      ``O(G N1 N2 / (s1 s2) h' g' min(h', g' s1 s2))`` time, in chunks of bounded memory; for
+      ``which`` ``'extremes'``/``'max'`` streamed, for ``'all'`` refused when the values exceed
+      ``max_bytes``. ``ValueError`` if not applicable. At ``g = h = 64``, ``N = 32`` (one torch
+      thread) it took half the time of Sedghi et al.'s ``np.fft.fft2`` plus ``np.linalg.svd``
+      over every frequency, with the same values to ``1e-12`` of ``sigma_max``
+      (``benchmarks/fft.py``).
     * ``'iterative'``: any padding, ``which`` ``'extremes'`` or ``'max'``; never forms ``M``.
       ``sigma_max``: thick-restart Lanczos (full reorthogonalisation, :mod:`convspec.linalg`) on
       ``M^T M`` (or ``M M^T`` if ``M`` is wide) applied by ``F.conv2d`` /
@@ -1417,8 +1491,9 @@ def conv_spectral_norm_bound(
     (:func:`convspec.linalg.gram_iteration_bound`): ``||T||_2 <= ||G_t||_F^(1 / 2^t)``,
     ``G_0 = T``, ``G_{i+1} = G_i^H G_i`` (rescaled), which overestimates ``||T||_2`` by at most
     ``rank^(1 / 2^(t+1))`` (1.044 for rank 256 and ``t = 6``). Cost
-    ``O(G N'1 N'2 n_iter c^3)`` for ``c = min(h', g' s1 s2)``, over half of the frequencies in
-    chunks of at most ``min(128 MiB, max_bytes / 8)``: memory does not grow with ``N``, and time
+    ``O(G N'1 N'2 n_iter c^3)`` for ``c = min(h', g' s1 s2)``, over one frequency of each
+    conjugate pair (Note [conjugate pairs]) in chunks of at most ``min(128 MiB,
+    max_bytes / 8)``: memory does not grow with ``N``, and time
     grows as ``N'1 N'2`` (a progress bar as in :func:`conv_singular_values` with ``progress``,
     and a warning when the estimate exceeds 10 minutes without one). No ``O(N^2)``-sized matrix,
     and no convergence test: at ``g = h = 256``, ``N = 32`` it took 11.6 s on 2 CPU cores, within
@@ -1476,7 +1551,7 @@ def conv_spectral_norm_bound(
     total = _n_chunks(wg, axes, True, chunk)
     best = 0.0
     with _work(total, "spectral norm bound", progress, "conv_spectral_norm_bound") as work:
-        for i, t in enumerate(_transfer_chunks(wg, axes, half=True, chunk_bytes=chunk)):
+        for i, (t, _) in enumerate(_transfer_chunks(wg, axes, True, chunk)):
             best = max(best, float(gram_iteration_bound(t, n_iter).max()))
             work.update(1)
             work.estimate(i + 1, total)

@@ -53,12 +53,19 @@ def test_bottom_branch_is_exercised():
 def test_vectors_persist_between_calls():
     # Two calls of 2 iterations continue where the first stopped: exactly one call of 4.
     data = rand(4, 3, 3, seed=5, scale=0.3)
-    p1, p2 = torch.nn.Parameter(data.clone()), torch.nn.Parameter(data.clone())
+
+    def conv():
+        c = torch.nn.Conv2d(3, 4, 3, bias=False).double()
+        with torch.no_grad():
+            c.weight.copy_(data)
+        return c
+
+    c1, c2 = conv(), conv()
     torch.manual_seed(1)
-    spectral_penalty(p1, 6, n_power_iterations=2)      # cache keyed by the Parameter
-    twice = spectral_penalty(p1, 6, n_power_iterations=2)
+    spectral_penalty(c1, 6, n_power_iterations=2)      # vectors in buffers of the module
+    twice = spectral_penalty(c1, 6, n_power_iterations=2)
     torch.manual_seed(1)
-    once = spectral_penalty(p2, 6, n_power_iterations=4)
+    once = spectral_penalty(c2, 6, n_power_iterations=4)
     assert float(twice.detach()) == float(once.detach())
     # The same with a state dict that the caller owns; a different geometry has its own vectors.
     torch.manual_seed(1)
@@ -66,15 +73,49 @@ def test_vectors_persist_between_calls():
     spectral_penalty(data, 6, n_power_iterations=2, state=state)
     assert float(spectral_penalty(data, 6, n_power_iterations=2, state=state)) == float(once.detach())
     assert state["u"].shape == (3, 6, 6)
-    assert spectral_penalty(p1, 7, n_power_iterations=0).shape == ()
+    assert spectral_penalty(c1, 7, n_power_iterations=0).shape == ()
+
+
+def test_vectors_are_buffers_of_the_module():
+    """state_dict, .to(), deepcopy see them; nothing is kept for a bare tensor."""
+    import copy
+
+    torch.manual_seed(2)
+    c = torch.nn.Conv2d(3, 4, 3, padding=1)
+    spectral_penalty(c, 6, n_power_iterations=3)
+    sd = c.state_dict()
+    assert sd["spectral_penalty_u"].shape == (3, 6, 6)
+    assert sd["spectral_penalty_v"].shape == (3, 6, 6)
+    u = sd["spectral_penalty_u"].clone()
+    twin = copy.deepcopy(c)
+    assert torch.equal(twin.spectral_penalty_u, u)
+    c.double()
+    assert c.spectral_penalty_u.dtype == torch.float64
+    fresh = torch.nn.Conv2d(3, 4, 3, padding=1)
+    spectral_penalty(fresh, 6, n_power_iterations=0)
+    fresh.load_state_dict(twin.state_dict())  # the same vectors, and the same penalty
+    assert torch.equal(fresh.spectral_penalty_u, u)
+    assert float(spectral_penalty(fresh, 6, n_power_iterations=0)) == float(
+        spectral_penalty(twin, 6, n_power_iterations=0))
+    from convspec import penalty
+
+    assert not hasattr(penalty, "_POWER_STATE")  # no module-level cache keyed by id()
+    w = torch.nn.Parameter(rand(4, 3, 3, seed=5, scale=0.3))
+    torch.manual_seed(3)
+    a = float(spectral_penalty(w, 6, n_power_iterations=1))
+    torch.manual_seed(3)
+    b = float(spectral_penalty(w, 6, n_power_iterations=1))
+    assert a == b  # a bare tensor starts afresh every call
 
 
 def test_two_iterations_per_call_converge_over_calls():
-    w = torch.nn.Parameter(rand(4, 3, 3, seed=5, scale=0.3))
-    ref = float(dense_penalty(w.detach(), 6, 1.0))
-    first = float(spectral_penalty(w, 6, n_power_iterations=2).detach())
+    c = torch.nn.Conv2d(3, 4, 3, bias=False).double()
+    with torch.no_grad():
+        c.weight.copy_(rand(4, 3, 3, seed=5, scale=0.3))
+    ref = float(dense_penalty(c.weight.detach(), 6, 1.0))
+    first = float(spectral_penalty(c, 6, n_power_iterations=2).detach())
     for _ in range(1500):
-        last = float(spectral_penalty(w, 6, n_power_iterations=2).detach())
+        last = float(spectral_penalty(c, 6, n_power_iterations=2).detach())
     assert abs(last - ref) < 0.1 * abs(first - ref)
     assert last == pytest.approx(ref, rel=1e-4)
 

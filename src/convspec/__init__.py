@@ -51,6 +51,7 @@ from .bounding import LayerBound, SingularValueBounding, SVBReport, bbn_, bound_
 from .descent import DescentResult, paper_step_size, penalty_descent
 from .init import delta_orthogonal_, orthogonal_
 from .operator import conv_operator
+from .parametrizations import operator_spectral_norm
 from .penalty import (
     frobenius_penalty,
     frobenius_penalty_grad_reference,
@@ -95,4 +96,5 @@ __all__ = [
     "LayerBound",
     "orthogonal_",
     "delta_orthogonal_",
+    "operator_spectral_norm",
 ]

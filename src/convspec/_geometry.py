@@ -449,12 +449,17 @@ def geometry_of(module: nn.Module, input_size: IntTuple) -> ConvGeometry:
         raise ValueError(
             f"{type(module).__name__} is an uninitialised lazy module: run one forward pass first"
         )
+    return conv_geometry(module.weight, input_size, **module_keywords(module))
+
+
+def module_keywords(module: nn.Module) -> dict:
+    """The geometry keywords of a convolution module (``stride`` ... ``output_padding``), as
+    :func:`conv_geometry` takes them: what :func:`geometry_of` reads, for callers that keep
+    them without the module (a parametrization of the module's weight)."""
     transposed = isinstance(module, TRANSPOSED_TYPES)
-    return conv_geometry(
-        module.weight, input_size, stride=module.stride, padding=module.padding,
-        dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode,
-        transposed=transposed, output_padding=module.output_padding if transposed else 0,
-    )
+    return dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                groups=module.groups, padding_mode=module.padding_mode, transposed=transposed,
+                output_padding=module.output_padding if transposed else 0)
 
 
 def resolve(conv, input_size: IntTuple, *, stride=UNSET, padding=UNSET, dilation=UNSET,

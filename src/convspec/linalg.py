@@ -431,7 +431,7 @@ def gram_iteration_bound(t: torch.Tensor, n_iter: int) -> torch.Tensor:
     References: B. Delattre, Q. Barthelemy, A. Araujo, A. Allauzen, "Efficient Bound of
     Lipschitz Constant for Convolutional Layers by Gram Iteration", ICML 2023.
     """
-    log_bound = torch.zeros(t.shape[:-2], dtype=torch.float64)
+    log_bound = torch.zeros(t.shape[:-2], dtype=torch.float64, device=t.device)
     x = t
     if x.shape[-2] < x.shape[-1]:
         x = x.mH

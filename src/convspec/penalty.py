@@ -11,13 +11,13 @@ penalty ``||M^T M - alpha I||_2`` of Guo & Ye, by persistent power iteration.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import astuple, replace
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._geometry import (
@@ -337,24 +337,33 @@ def _grad_reference(weight, geom: ConvGeometry, alpha: float, max_bytes: int) ->
 # --------------------------------------------------------------------------------------------
 # The 2-norm penalty of Guo & Ye
 
-# Power-iteration vectors kept between calls, per weight tensor and geometry, as
-# torch.nn.utils.spectral_norm keeps ``u`` in a buffer. Keyed by id() (tensors compare
-# elementwise, so they cannot be dict keys by value); an entry vanishes with its weight.
-_POWER_STATE: Dict[int, Tuple["weakref.ref", dict]] = {}
+class _BufferState:
+    """The power-iteration vectors of :func:`spectral_penalty` as buffers of the layer module
+    (``spectral_penalty_u``, ``spectral_penalty_v``), read and written like a dict: so
+    ``state_dict``, ``.to()``, ``deepcopy`` and DDP's buffer broadcast see them, as they see
+    ``torch.nn.utils.spectral_norm``'s ``weight_u``. Written in place when the shape, dtype and
+    device agree (references held elsewhere stay valid), else replaced."""
 
+    PREFIX = "spectral_penalty_"
 
-def _cached_state(weight: torch.Tensor, geom: ConvGeometry) -> dict:
-    key = id(weight)
-    entry = _POWER_STATE.get(key)
-    if entry is None or entry[0]() is not weight:
+    def __init__(self, module: nn.Module):
+        self.module = module
 
-        def drop(ref, key=key):
-            if _POWER_STATE.get(key, (None,))[0] is ref:
-                del _POWER_STATE[key]
+    def get(self, key: str):
+        return self.module._buffers.get(self.PREFIX + key)
 
-        entry = (weakref.ref(weight, drop), {})
-        _POWER_STATE[key] = entry
-    return entry[1].setdefault(geom, {})
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.module._buffers[self.PREFIX + key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        name = self.PREFIX + key
+        old = self.module._buffers.get(name)
+        if (old is not None and old.shape == value.shape and old.dtype == value.dtype
+                and old.device == value.device):
+            if old is not value:
+                old.copy_(value)
+        else:
+            self.module.register_buffer(name, value.detach().clone())
 
 
 def _gram_apply(u: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
@@ -399,8 +408,12 @@ def spectral_penalty(
     ``torch.nn.utils.spectral_norm``, the gradient is that of the eigenvalues when the vectors
     have converged. The vectors persist between calls, so that a few steps per training step
     track the spectrum: in ``state`` when given (a dict that the caller keeps, e.g. one per
-    layer), else in a cache keyed by the ``weight`` tensor itself (an ``nn.Parameter`` keeps its
-    vectors across steps; a new tensor starts from random vectors) and the geometry. The value
+    layer); else, when ``conv`` is a module, in buffers of that module
+    (``spectral_penalty_u`` and ``spectral_penalty_v``, created by the first call and
+    reinitialised when the input size changes), which ``state_dict``, ``.to()``, ``deepcopy``
+    and DDP carry like any buffer (to load such a ``state_dict`` into a fresh model, call the
+    penalty once first or load with ``strict=False``); a bare weight tensor without ``state``
+    starts from random vectors at every call. The value
     is a lower bound of the exact penalty that becomes exact as the vectors converge; the
     bottom vector converges slowly when the small singular values cluster, so start with many
     iterations (e.g. 100) where an accurate value matters. Cost per step: ``O(g h K N)`` (``K`` kernel taps, ``N`` positions).
@@ -432,8 +445,10 @@ def spectral_penalty(
         raise ValueError(
             f"n_power_iterations must be a non-negative int, got {n_power_iterations!r}"
         )
-    if state is None:
-        state = _cached_state(weight, geom)
+    if state is None and isinstance(conv, nn.Module):
+        state = _BufferState(conv)
+    elif state is None:
+        state = {}  # a bare tensor without a state dict: fresh vectors, nothing kept
     elif not isinstance(state, dict):
         raise ValueError(f"state must be a dict (or None), got {type(state).__name__}")
     with no_autocast(weight.device):

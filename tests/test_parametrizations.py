@@ -1,0 +1,243 @@
+"""operator_spectral_norm: the effective weight's true operator norm, checked against the dense
+operator in float64, and the parametrization under state_dict, deepcopy, torch.save, compile,
+autocast and DDP."""
+
+import copy
+import io
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.utils import parametrize
+
+from convspec import conv_operator, operator_spectral_norm
+
+LAYERS = {  # name: (factory, spatial input size)
+    "conv2d": (lambda: nn.Conv2d(3, 5, 3, padding=1), (9, 9)),
+    "conv2d-strided-circular": (
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular"), (8, 8)),
+    "conv2d-reflect-dilated": (
+        lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2, padding_mode="reflect"), (9, 7)),
+    "conv2d-replicate-groups": (
+        lambda: nn.Conv2d(4, 6, (3, 2), padding=1, groups=2, padding_mode="replicate"), (7, 8)),
+    "conv1d": (lambda: nn.Conv1d(3, 5, 5, padding=2), (16,)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 3, padding=1), (5, 5, 5)),
+    "convtranspose1d": (lambda: nn.ConvTranspose1d(4, 3, 3, stride=2, padding=1), (9,)),
+    "convtranspose2d": (
+        lambda: nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1), (5, 5)),
+    "linear": (lambda: nn.Linear(7, 5), ()),
+}
+
+
+def operator_norm(module, size):
+    w = module.weight.detach().to(torch.float64)
+    if isinstance(module, nn.Linear):
+        return float(torch.linalg.matrix_norm(w, 2))
+    # conv_operator reads the module's geometry; its weight is the effective one (float64 here)
+    return float(torch.linalg.matrix_norm(conv_operator(module, size).to(torch.float64), 2))
+
+
+def batch(module, size, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(module, nn.Linear):
+        return torch.randn(n, module.in_features, generator=g, dtype=torch.float64)
+    return torch.randn(n, module.in_channels, *size, generator=g, dtype=torch.float64)
+
+
+def train(module, size, steps=8):
+    x = batch(module, size)
+    target = module(x).detach() + torch.randn_like(module(x))
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        (module(x) - target).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("bound", ["estimate", "certified"])
+def test_trained_layer_has_operator_norm_one(name, bound):
+    make, size = LAYERS[name]
+    torch.manual_seed(1)
+    m = make().double()
+    # the size is recorded by the first forward pass (none given)
+    operator_spectral_norm(m, n_power_iterations=20 if bound == "estimate" else 1, bound=bound)
+    train(m, size)
+    m.eval()
+    s = operator_norm(m, size)
+    if bound == "estimate":
+        assert abs(s - 1) < 1e-3
+    else:
+        assert s <= 1 + 1e-12
+        assert s > 0.5  # a bound, not a collapse
+
+
+def test_reshaped_spectral_norm_is_not_the_operator_norm():
+    """What motivates the parametrization: PyTorch normalises the reshaped kernel."""
+    torch.manual_seed(0)
+    torchs = nn.utils.parametrizations.spectral_norm(nn.Conv2d(4, 4, 3, padding=1).double())
+    ours = operator_spectral_norm(nn.Conv2d(4, 4, 3, padding=1).double(), input_size=16,
+                                  n_power_iterations=50)
+    for m in (torchs, ours):
+        m(torch.randn(1, 4, 16, 16, dtype=torch.float64))
+        m.eval()
+    assert operator_norm(torchs, (16, 16)) > 1.05
+    assert abs(operator_norm(ours, (16, 16)) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("bound", ["estimate", "certified"])
+def test_state_dict_round_trip_and_removal(bound):
+    make, size = LAYERS["conv2d-strided-circular"]
+    torch.manual_seed(2)
+    a = operator_spectral_norm(make(), bound=bound)
+    train(a.double(), size)
+    a.eval()
+    w = a.weight.detach().clone()
+    b = operator_spectral_norm(make().double(), bound=bound)  # input size not known yet
+    b.load_state_dict(a.state_dict())
+    b.eval()
+    assert torch.equal(b.weight, w)
+    assert torch.equal(b.parametrizations.weight[0].input_size, torch.tensor([8, 8]))
+    parametrize.remove_parametrizations(b, "weight")
+    assert not parametrize.is_parametrized(b) and torch.equal(b.weight.detach(), w)
+
+
+def test_gradient_matches_finite_differences():
+    torch.manual_seed(3)
+    for make, size in (LAYERS["conv2d-reflect-dilated"], LAYERS["convtranspose1d"],
+                       LAYERS["linear"]):
+        for bound in ("estimate", "certified"):
+            m = operator_spectral_norm(make().double(), bound=bound, n_power_iterations=5)
+            m(batch(m, size))  # records the size, runs the power iteration
+            m.eval()  # the vectors stay fixed: the map W -> W / sigma(W) is deterministic
+            p = m.parametrizations.weight[0]
+            w = m.parametrizations.weight.original.detach().clone().requires_grad_()
+            assert torch.autograd.gradcheck(lambda t: p(t), (w,), atol=1e-6, rtol=1e-5)
+
+
+def test_deepcopy_and_torch_save_keep_their_own_state():
+    make, size = LAYERS["conv2d"]
+    torch.manual_seed(4)
+    net = nn.Sequential(operator_spectral_norm(make().double()), nn.ReLU())
+    x = batch(net[0], size)
+    net(x)
+    ema = copy.deepcopy(net)
+    u = net[0].parametrizations.weight[0]._u.clone()
+    ema(batch(net[0], (12, 12)))  # the copy re-targets to a new size; the original does not
+    assert ema[0].parametrizations.weight[0]._size == (12, 12)
+    assert net[0].parametrizations.weight[0]._size == (9, 9)
+    assert torch.equal(net[0].parametrizations.weight[0]._u, u)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    net.eval()
+    loaded.eval()
+    assert torch.equal(loaded(x), net(x))
+    loaded.train()
+    loaded(batch(net[0], (6, 6)))  # the hook survived pickling
+    assert loaded[0].parametrizations.weight[0]._size == (6, 6)
+
+
+def test_retargets_to_a_new_input_size():
+    torch.manual_seed(5)
+    m = operator_spectral_norm(nn.Conv2d(3, 4, 3, padding=1).double(), n_power_iterations=30)
+    for size in ((6, 6), (14, 10)):
+        for _ in range(3):
+            m(batch(m, size))
+        m.eval()
+        assert abs(operator_norm(m, size) - 1) < 1e-3
+        m.train()
+
+
+def test_compile_and_autocast():
+    torch.manual_seed(6)
+    net = nn.Sequential(operator_spectral_norm(nn.Conv2d(3, 4, 3, padding=1), input_size=8),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 2))
+    x = torch.randn(2, 3, 8, 8)
+    eager = copy.deepcopy(net)
+    compiled = torch.compile(net, backend="eager")
+    for _ in range(2):
+        out = compiled(x)
+        ref = eager(x)
+        assert torch.allclose(out, ref, atol=1e-6)
+        out.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    p = net[0].parametrizations.weight[0]
+    assert p._u.dtype == torch.float32  # the vectors stay float32 under autocast
+
+
+def test_bad_input_raises_and_leaves_the_module_alone():
+    conv = nn.Conv2d(3, 4, 3)
+    for kwargs, match in [
+        (dict(n_power_iterations=0), "n_power_iterations"),
+        (dict(bound="tight"), "bound"),
+        (dict(eps=0.0), "eps"),
+        (dict(input_size=2), "input"),  # smaller than the kernel without padding
+        (dict(name="bias2"), "no tensor"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            operator_spectral_norm(conv, **kwargs)
+        assert not parametrize.is_parametrized(conv) and not conv._forward_pre_hooks
+    with pytest.raises(ValueError, match="nn.Conv1d"):
+        operator_spectral_norm(nn.BatchNorm2d(3))
+    bad = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        bad.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        operator_spectral_norm(bad)
+    ok = operator_spectral_norm(nn.Conv2d(3, 4, 3))
+    with pytest.raises(RuntimeError, match="input size is not known"):
+        ok.weight
+    with pytest.raises(ValueError, match="already"):
+        operator_spectral_norm(ok)
+
+
+# --- DDP --------------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(operator_spectral_norm(nn.Conv2d(3, 4, 3, padding=1), input_size=8),
+                            nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 2))
+        torch.manual_seed(10 + rank)  # different power-iteration noise and data per rank
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            ddp(torch.randn(4, 3, 8, 8)).square().mean().backward()
+            opt.step()
+        ddp(torch.randn(4, 3, 8, 8))  # broadcasts rank 0's buffers first
+        torch.save({k: v.clone() for k, v in net.state_dict().items()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="needs the gloo backend")
+def test_ddp_ranks_share_vectors_and_weights(tmp_path):
+    ctx = mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    assert ctx.join(timeout=150) or ctx.join(timeout=1)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert a.keys() == b.keys() and "0.parametrizations.weight.0._u" in a
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k

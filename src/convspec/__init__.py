@@ -66,6 +66,7 @@ from .spectrum import (
     extreme_singular_values,
 )
 from .report import LayerSpectrum, spectrum_report
+from .lipschitz import LayerLipschitz, LipschitzReport, lipschitz_report
 from . import linalg  # eigensolvers on operator callbacks (convspec.linalg.lanczos_largest, ...)
 
 __all__ = [
@@ -97,4 +98,7 @@ __all__ = [
     "orthogonal_",
     "delta_orthogonal_",
     "operator_spectral_norm",
+    "lipschitz_report",
+    "LipschitzReport",
+    "LayerLipschitz",
 ]

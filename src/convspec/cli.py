@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     _add_plot_parser(sub)
     _add_spectrum_parser(sub)
+    _add_lipschitz_parser(sub)
     return parser
 
 
@@ -242,6 +243,32 @@ def _add_spectrum_parser(sub) -> None:
                     help="seed of a named model's initialisation, and of torch before a factory "
                     "is called (default: %(default)s)")
     sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_lipschitz_parser(sub) -> None:
+    from .train.models import MODEL_EXAMPLES
+
+    lp = sub.add_parser(
+        "lipschitz",
+        help="exact per-layer operator norms and an upper bound on a model's Lipschitz constant",
+        description="Run one forward pass (eval mode) to record each layer's input size, trace "
+        "the model with torch.fx, and print each layer's exact operator sigma_max (convolutions at "
+        "their input size, linear layers, pooling), BatchNorm's diagonal scale and activations' "
+        "constants, and the upper bound on the whole network's l2 Lipschitz constant they give "
+        "(products along chains, sums for x + f(x)). Modules without a known bound are named "
+        "and the network is then not bounded (exit status 3).",
+    )
+    lp.add_argument("model", metavar="MODEL",
+                    help="a checkpoint.pt of 'convspec train'; a model name such as "
+                    f"{MODEL_EXAMPLES} (initialised from --seed); or package.module:factory")
+    lp.add_argument("--input-size", type=_positive_int, nargs=3, required=True,
+                    metavar=("C", "H", "W"), help="input channels, height and width (required)")
+    lp.add_argument("--tol", type=_positive_float, default=1e-6,
+                    help="relative tolerance of iterative operator norms (default: %(default)g)")
+    lp.add_argument("--seed", type=int, default=0,
+                    help="seed of a named model's initialisation (default: %(default)s)")
+    lp.add_argument("--json", type=Path, default=None, metavar="FILE",
+                    help="also write the report as JSON to FILE (default: none)")
 
 
 def _add_train_parser(sub) -> None:
@@ -637,35 +664,44 @@ def _run_reproduce(args, parser) -> int:
     return _run_guo_fig41(args, parser)
 
 
-def _run_spectrum(args, parser) -> int:
+class _ModelError(Exception):
+    """A MODEL argument that names no checkpoint, model or factory (message ready to print)."""
+
+
+def _load_model_argument(args, parser, command: str):
+    """``(model, source)`` from the MODEL argument of ``spectrum`` / ``lipschitz``: a
+    checkpoint file, a registry model name, or ``package.module:factory``."""
     from .experiments import spectrum_report as sr
     from .train.models import parse_model_name
 
+    c = args.input_size[0]
+    path, source = Path(args.model), args.model
+    if path.is_file():
+        return sr.load_checkpoint_model(path, c), str(path)
+    if sr.is_factory_path(args.model):
+        try:
+            return sr.model_from_factory(args.model, seed=args.seed), source
+        except sr.FactoryError as exc:
+            raise _ModelError(str(exc)) from exc
+    try:
+        parse_model_name(args.model)
+    except ValueError as exc:
+        if path.suffix or "/" in args.model or path.exists():
+            raise _ModelError(f"{path} is not a checkpoint file") from exc
+        parser.error(f"{exc}; or give a checkpoint file or package.module:factory")
+    return sr.build_named_model(args.model, in_channels=c, seed=args.seed), source
+
+
+def _model_command(command: str, args, parser, body) -> int:
+    """Load MODEL, run ``body(model, source)``; expected failures print one line, exit 1."""
     if args.tol >= 1:
         parser.error(f"--tol must be below 1, got {args.tol}")
-    c, h, w = args.input_size
-    path, source = Path(args.model), args.model
     try:
-        if path.is_file():
-            model, source = sr.load_checkpoint_model(path, c), str(path)
-        elif sr.is_factory_path(args.model):
-            try:
-                model = sr.model_from_factory(args.model, seed=args.seed)
-            except sr.FactoryError as exc:
-                print(f"convspec spectrum: error: {exc}", file=sys.stderr)
-                return 1
-        else:
-            try:
-                parse_model_name(args.model)
-            except ValueError as exc:
-                if path.suffix or "/" in args.model or path.exists():
-                    print(f"convspec spectrum: error: {path} is not a checkpoint file",
-                          file=sys.stderr)
-                    return 1
-                parser.error(f"{exc}; or give a checkpoint file or package.module:factory")
-            model = sr.build_named_model(args.model, in_channels=c, seed=args.seed)
-        sr.main(model, (c, h, w), args.out, source=source, tol=args.tol,
-                progress=not args.no_progress)
+        model, source = _load_model_argument(args, parser, command)
+        return body(model, source)
+    except _ModelError as exc:
+        print(f"convspec {command}: error: {exc}", file=sys.stderr)
+        return 1
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError,
             pickle.UnpicklingError) as exc:
         # Unreadable checkpoint, a state_dict that does not fit, or an input too small for the
@@ -673,9 +709,43 @@ def _run_spectrum(args, parser) -> int:
         from .train.rundir import RunDirError
 
         what = "" if isinstance(exc, (RunDirError, OSError)) else f"{type(exc).__name__}: "
-        print(f"convspec spectrum: error: {what}{_user_error(exc)}", file=sys.stderr)
+        print(f"convspec {command}: error: {what}{_user_error(exc)}", file=sys.stderr)
         return 1
-    return 0
+
+
+def _run_spectrum(args, parser) -> int:
+    from .experiments import spectrum_report as sr
+
+    def body(model, source):
+        sr.main(model, tuple(args.input_size), args.out, source=source, tol=args.tol,
+                progress=not args.no_progress)
+        return 0
+
+    return _model_command("spectrum", args, parser, body)
+
+
+def _run_lipschitz(args, parser) -> int:
+    import dataclasses
+    import json
+
+    import torch
+
+    from .lipschitz import lipschitz_report
+
+    def body(model, source):
+        x = torch.zeros(1, *args.input_size)
+        report = lipschitz_report(model, x, tol=args.tol)
+        print(f"{source} on {'x'.join(map(str, args.input_size))} inputs")
+        print(report.table())
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "model": source, "input_size": list(args.input_size), "bound": report.bound,
+                "unsupported": report.unsupported,
+                "layers": [dataclasses.asdict(r) for r in report.layers]}, indent=1))
+        return 0 if report.bound is not None else 3
+
+    return _model_command("lipschitz", args, parser, body)
 
 
 # Subcommands that write PNG plots: they need matplotlib, checked before any work starts so that
@@ -716,7 +786,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing is not None:
         parser.exit(2, f"convspec: error: {missing}\n")
     commands = {"train": _run_train, "compare": _run_compare, "plot": _run_plot,
-                "spectrum": _run_spectrum, "reproduce": _run_reproduce}
+                "spectrum": _run_spectrum, "lipschitz": _run_lipschitz,
+                "reproduce": _run_reproduce}
     name = args.command if args.command != "reproduce" else f"reproduce {args.experiment}"
     try:
         return commands[args.command](args, parser)

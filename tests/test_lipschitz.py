@@ -1,0 +1,134 @@
+"""lipschitz_report: per-layer operator norms against the dense operator, the network bound
+against the network itself, and the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from convspec import conv_operator, lipschitz_report
+from convspec.cli import main
+
+
+def dense_norm(conv, size):
+    return float(torch.linalg.matrix_norm(conv_operator(conv, size).to(torch.float64), 2))
+
+
+class Residual(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def linear_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
+        nn.Conv2d(3, 3, 3, stride=2, padding=1),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 16, 5),
+    ).double()
+
+
+def test_layers_are_exact_and_a_chain_is_their_product():
+    net = linear_net()
+    rep = lipschitz_report(net, torch.zeros(1, 2, 16, 16, dtype=torch.float64))
+    assert [r.name for r in rep.layers] == ["0", "1", "2", "3", "4"]
+    assert rep.layers[0].sigma_max == pytest.approx(dense_norm(net[0], 16), rel=1e-9)
+    assert rep.layers[1].sigma_max == pytest.approx(dense_norm(net[1], 16), rel=1e-6)
+    assert rep.layers[1].input_size == (16, 16) and rep.layers[2].input_size == (8, 8)
+    assert rep.layers[2].sigma_max == pytest.approx(0.5)  # 2 x 2 average: 1 / 2
+    assert rep.layers[4].sigma_max == pytest.approx(
+        float(torch.linalg.matrix_norm(net[4].weight.detach(), 2)), rel=1e-12)
+    assert rep.bound == pytest.approx(math.prod(r.bound for r in rep.layers), rel=1e-12)
+    assert rep.unsupported == []
+
+
+def test_bound_is_above_the_true_constant_and_tight_for_one_layer():
+    net = linear_net(1)
+    x = torch.zeros(1, 2, 16, 16, dtype=torch.float64)
+    rep = lipschitz_report(net, x)
+    # The network is linear: its constant is the norm of its Jacobian.
+    jac = torch.autograd.functional.jacobian(lambda t: net(t.view(1, 2, 16, 16)).reshape(-1),
+                                             x.reshape(-1))
+    true = float(torch.linalg.matrix_norm(jac, 2))
+    assert true <= rep.bound * (1 + 1e-9)
+    one = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1)).double()
+    r1 = lipschitz_report(one, x)
+    jac = torch.autograd.functional.jacobian(lambda t: one(t.view(1, 2, 16, 16)).reshape(-1),
+                                             x.reshape(-1))
+    assert r1.bound == pytest.approx(float(torch.linalg.matrix_norm(jac, 2)), rel=1e-6)
+
+
+def test_residual_blocks_batchnorm_and_activations():
+    torch.manual_seed(2)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(-2, 2)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), bn, nn.ReLU(),
+        Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Sigmoid(),
+                               nn.Conv2d(3, 3, 3, padding=1))),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2),
+    ).double()
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    rep = lipschitz_report(net, x)
+    b = {r.name: r.bound for r in rep.layers}
+    scale = float((bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).max())
+    assert b["1"] == pytest.approx(scale, rel=1e-9)
+    assert b["3.f.1"] == 0.25
+    inner = b["3.f.0"] * 0.25 * b["3.f.2"]
+    expected = b["0"] * b["1"] * b["2"] * (1 + inner) * b["4"] * b["6"]
+    assert rep.bound == pytest.approx(expected, rel=1e-12)
+    assert net.training  # the training flag is restored
+    net.eval()
+    y = torch.randn_like(x)
+    with torch.no_grad():  # and it is a bound
+        ratio = (net(x) - net(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= rep.bound
+
+
+def test_unsupported_modules_are_named_never_assumed():
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Softmax(dim=1), nn.BatchNorm2d(3))
+    net[2].train()
+    rep = lipschitz_report(net, torch.randn(1, 2, 6, 6))
+    assert rep.bound is None
+    assert any("Softmax" in u for u in rep.unsupported)
+    net.eval()
+    rep = lipschitz_report(net, torch.randn(1, 2, 6, 6))
+    assert rep.bound is None and len(rep.unsupported) == 1  # BN in eval mode is fine
+
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ValueError, match="torch.fx"):
+        lipschitz_report(Untraceable(), torch.randn(1, 2))
+    with pytest.raises(ValueError, match="nn.Module"):
+        lipschitz_report(lambda x: x, torch.randn(1, 2))
+
+
+def test_cli(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "lip.json"
+    rc = main(["lipschitz", "convnet-8", "--input-size", "1", "12", "12", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "network Lipschitz constant <=" in text
+    record = json.loads(out.read_text())
+    assert record["bound"] > 0 and record["unsupported"] == []
+    assert record["layers"][0]["name"] == "features.0"  # the first conv of the named model
+    name = f"lipfactories_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(
+        "from torch import nn\n\ndef soft():\n    return nn.Sequential(nn.Conv2d(1, 2, 3), "
+        "nn.Softmax(1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["lipschitz", f"{name}:soft", "--input-size", "1", "6", "6"]) == 3
+    assert "unsupported: 1 (Softmax)" in capsys.readouterr().out
+    assert main(["lipschitz", str(tmp_path / "none.pt"), "--input-size", "1", "6", "6"]) == 1
+    assert "not a checkpoint file" in capsys.readouterr().err

@@ -46,7 +46,8 @@ def _name(path, action):
 def test_walk_finds_every_subcommand():
     paths = {" ".join(path) for path, _ in _parsers(build_parser())}
     assert paths == {"", "reproduce", "reproduce guo-fig41", "reproduce guo-2norm",
-                     "reproduce frob-sweep", "reproduce jia-fig1", "train", "compare", "plot",
+                     "reproduce frob-sweep", "reproduce jia-fig1", "reproduce norm-layers",
+                     "train", "compare", "plot",
                      "spectrum", "lipschitz"}
     assert sum(1 for _ in _options()) > 50
 

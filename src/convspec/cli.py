@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guo_2norm_parser(rep_sub)
     _add_frob_sweep_parser(rep_sub)
     _add_jia_fig1_parser(rep_sub)
+    _add_norm_layers_parser(rep_sub)
     _add_train_parser(sub)
     _add_compare_parser(sub)
     _add_plot_parser(sub)
@@ -152,6 +153,24 @@ def _add_jia_fig1_parser(rep_sub) -> None:
                     help="folder of the run folders (default: the config file's [compare] runs, "
                     "else OUT/runs)")
     _add_config_arguments(jf, compare=True)
+
+
+def _add_norm_layers_parser(rep_sub) -> None:
+    nl = rep_sub.add_parser(
+        "norm-layers",
+        help="true operator norms of layers under spectral_norm, orthogonal and "
+        "operator_spectral_norm",
+        description="For a few convolutions and seeds: apply PyTorch's spectral_norm and "
+        "orthogonal, convspec's operator_spectral_norm (estimate and certified) and, when "
+        "installed, deel-torchlip's SpectralConv2d; converge their power iterations; record the "
+        "exact operator sigma_max and sigma_min of each layer. Writes OUT/norm_layers.json, .md "
+        "and .png.",
+    )
+    nl.add_argument("--out", type=Path, default=Path("records/norm_layers"), metavar="DIR",
+                    help="output folder (default: %(default)s)")
+    nl.add_argument("--quick", action="store_true",
+                    help="one seed and small layers, for a smoke run")
+    nl.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _add_guo_2norm_parser(rep_sub) -> None:
@@ -601,6 +620,23 @@ def _run_guo_2norm(args, parser) -> int:
     return 0
 
 
+def _run_norm_layers(args, parser) -> int:
+    from torch import nn
+
+    from .experiments import norm_layers
+
+    kw = {}
+    if args.quick:
+        kw = dict(seeds=(0,), layers=[
+            ("Conv2d 4->4, 3x3, zeros", lambda: nn.Conv2d(4, 4, 3, padding=1), (8, 8)),
+            ("Conv1d 3->4, k=3, circular",
+             lambda: nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular"), (12,))])
+    record = norm_layers.main(args.out, progress=not args.no_progress, **kw)
+    print(norm_layers.format_table(record))
+    print(f"wrote {args.out}/norm_layers.json, .md, .png")
+    return 0
+
+
 def _run_frob_sweep(args, parser) -> int:
     from .experiments import frob_sweep
     from .experiments.compare import parse_method
@@ -661,6 +697,8 @@ def _run_reproduce(args, parser) -> int:
         return _run_guo_2norm(args, parser)
     if args.experiment == "frob-sweep":
         return _run_frob_sweep(args, parser)
+    if args.experiment == "norm-layers":
+        return _run_norm_layers(args, parser)
     return _run_guo_fig41(args, parser)
 
 

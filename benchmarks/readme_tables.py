@@ -5,8 +5,9 @@ Run: ``python benchmarks/readme_tables.py [--check] [--readme README.md] [--resu
 The README holds generated blocks between marker comments, ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->``: ``results`` (the results table on the first screen), ``penalty``,
 ``spectrum``, ``fft``, ``svb``, ``regularizer`` and ``model_scale`` (the tables of the
-Benchmarks section, one per JSON file), and ``jia_fmnist`` (record 2's tables, from
-``records/jia_fmnist/*/summary.*``). Without
+Benchmarks section, one per JSON file), ``jia_fmnist`` (record 2's tables, from
+``records/jia_fmnist/*/summary.*``) and ``norm_layers`` (from
+``records/norm_layers/norm_layers.json``). Without
 ``--check`` the blocks are rewritten in place; with it nothing is written and the exit status is
 1 when the README differs from what the JSON gives (a diff is printed). Prose outside the blocks
 is not touched.
@@ -559,8 +560,38 @@ def jia_fmnist_block(records_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
+def norm_layers_block(records_dir: Path) -> str:
+    """Issue 13's record: true operator norms of normalised layers
+    (``records/norm_layers/norm_layers.json``, from ``convspec reproduce norm-layers``)."""
+    path = records_dir / "norm_layers" / "norm_layers.json"
+    if not path.exists():
+        return "Not recorded yet: run `convspec reproduce norm-layers`."
+    record = json.loads(path.read_text())
+    check_fields(record, {"experiment", "seeds", "forwards", "deel_torchlip", "environment",
+                          "rows", "seconds"}, set(), str(path))
+    rows = []
+    for r in record["rows"]:
+        check_fields(r, {"layer", "input_size", "method", "n", "converged", "route",
+                         "sigma_max", "sigma_max_std", "sigma_max_all", "sigma_min",
+                         "sigma_min_std", "sigma_min_all", "reshaped_sigma_max",
+                         "reshaped_sigma_max_std", "reshaped_sigma_max_all"}, set(), str(path))
+        smin = sig(r["sigma_min"]) + ("" if r["converged"] else " (not within 1e-6)")
+        rows.append([f"{r['layer']} ({'x'.join(map(str, r['input_size']))})", r["method"],
+                     f"{sig(r['sigma_max'], 4)} +/- {sig(r['sigma_max_std'], 2)}", smin,
+                     sig(r["reshaped_sigma_max"], 4)])
+    header = ["layer (input)", "normalisation", "operator sigma_max", "operator sigma_min",
+              "reshaped sigma_max"]
+    deel = ("deel-torchlip installed" if record["deel_torchlip"]
+            else "deel-torchlip not installed in this run")
+    return (table(header, rows) + f"\n\nMean +/- std over seeds {record['seeds']}; each power "
+            f"iteration converged over {record['forwards']} training-mode forward passes; exact "
+            f"operator values from `conv_singular_values` (certified); {deel}; "
+            f"{record['seconds'] / 60:.0f} min.\n" + machine(record["environment"]))
+
+
 BLOCKS = {
     "jia_fmnist": lambda records, records_dir: jia_fmnist_block(records_dir),
+    "norm_layers": lambda records, records_dir: norm_layers_block(records_dir),
     "results": lambda records, records_dir: first_screen_block(records, records_dir),
     "penalty": lambda records, records_dir: penalty_block(records["penalty"]),
     "spectrum": lambda records, records_dir: spectrum_block(records["spectrum"]),

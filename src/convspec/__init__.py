@@ -41,7 +41,10 @@ P. M. Long, "The Singular Values of Convolutional Layers", ICLR 2019, matrix-fre
 :func:`conv_singular_values`, :func:`extreme_singular_values`; a certified upper bound on
 ``sigma_max`` by Gram iteration (B. Delattre, Q. Barthelemy, A. Araujo, A. Allauzen, ICML 2023):
 :func:`conv_spectral_norm_bound`; delta-orthogonal initialisation (L. Xiao et al., ICML 2018):
-:func:`delta_orthogonal_`.
+:func:`delta_orthogonal_`; layers normalised by their true operator norm (the parametrization
+of T. Miyato et al., ICLR 2018, applied to ``M`` instead of the reshaped kernel):
+:func:`operator_spectral_norm`; an upper bound on a network's Lipschitz constant from exact
+per-layer operator norms: :func:`lipschitz_report`.
 """
 
 __version__ = "0.1.0"

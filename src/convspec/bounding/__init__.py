@@ -44,6 +44,7 @@ from .matrices import (
     APPLY_RHO,
     GRAM_MIN_ASPECT,
     GRAM_TOLERANCE,
+    GRAM_TOLERANCE_FLOAT32,
     METHODS,
     _gram_allowed,
     _gram_route,

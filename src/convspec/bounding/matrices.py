@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .._geometry import check_weight_dtype
 from .._precision import no_autocast
-from .layers import _matrices
+from .layers import _all_finite, _matrices
 
 METHODS = ("auto", "svd", "gram")
 
@@ -74,40 +74,68 @@ def _check_method(method) -> str:
 # so one GEMM, one m x m eigendecomposition and one GEMM back replace the SVD, and A' is written
 # as A + (h(G) - I) A: in-band singular values have h = 1 exactly and contribute exactly zero.
 # Forming G in precision u and the backward-stable eigh give the exact h of G + E with
-# ||E|| <~ u ||A||^2 = u s_max^2. The error of h(G + E) A in the eigenbasis of G is
-# h[l_i, l_j] E_ij s_j, with h[.,.] the divided difference of h. h is flat (= 1) inside the band
-# and |h'| is largest just above 0: the bad terms are the singular values far *below* the band,
-# which get stretched up to 1/(1+eps): for s_i, s_j both small the term is
-# (lo / 2 s^3) * u s_max^2 * s = (lo / 2) u kappa^2 with kappa = s_max / s_min. Values near the
-# band edges (the only ones whose clip decision matters) are accurate to u s_max^2 / s, which is
-# tiny; values far above the band are shrunk, where h' -> 0 and errors are damped. So the Gram
-# route loses about kappa^2 u relative to the SVD, and we take it only where
+# ||E||_F <~ c u ||G||_F <= c u sqrt(m) s_max^2. The first-order error of h(G + E) A, in the
+# eigenbasis of G, is h[l_i, l_j] E_ij s_j, with h[.,.] the divided difference of h. Writing
+# g(s) = clip(s) / s, h[l_i, l_j] = g[s_i, s_j] / (s_i + s_j), so |h[l_i, l_j] s_j| <= L =
+# max |g'| over [s_min, s_max]; g is flat (= 1) inside the band, |g'| = lo / s^2 below it and
+# hi / s^2 <= 1 / hi above it. So ||dA'||_F <= L ||E||_F, and with ||A'||_F >= lo sqrt(m):
 #
-#     u * kappa^2 <= GRAM_TOLERANCE * eps(weight dtype),   i.e.  l_min >= l_max * u / (tol * eps_w)
+#     ||dA'||_F / ||A'||_F  <~  c u (1 + eps)^2 kappa^2,        kappa = s_max / s_min,
 #
-# (checked per matrix on the computed eigenvalues; failures are redone by SVD). In float64 and a
-# float32 weight this allows kappa up to ~7e3; a float64 weight never passes, so float64 weights
-# always take the SVD route. Rank-deficient matrices (s_min = 0: the singular vector that the clip
-# needs is not determined by G) fail the check too. tests/test_svb_routes.py compares both routes
-# against a float64 SVD on spectra up to and beyond the threshold.
+# the bad terms being the values far *below* the band, stretched up to 1/(1+eps) (L = lo /
+# s_min^2); values far above it are shrunk, where g' -> 0 and errors are damped; values near the
+# band edges (the only ones whose clip decision matters) are accurate to ~u kappa^2 s, tiny.
+# So the Gram route loses about kappa^2 u against the SVD, and it is taken only where
 #
-# The last product, D = (h(G) - I) A, is the only O(m n min(m, n)) step after G. For large
-# float32 matrices it is formed in float32: its rounding error is about eps32 * ||h(G) - I|| *
-# ||A||, i.e. eps32 * rho relative to ||A'|| with rho = max|f| s_max / max(s'), and writing A'
-# back in float32 costs one eps32 anyway. We do so only where rho <= APPLY_RHO (a few ulps at
-# most; rho ~ 1 for freshly initialised layers), else in float64.
+#     eps(dtype) * kappa^2 <= tol * eps(weight dtype),   i.e.  l_min >= l_max * eps / (tol eps_w)
+#
+# (checked per matrix on the computed eigenvalues; failures are redone by SVD in ``dtype``).
+# Rank-deficient matrices (s_min = 0: the singular vector that the clip needs is not determined
+# by G) fail the check in every precision. The tolerance depends on what ``dtype`` promises:
+#
+# * dtype=float64 (G, eigh and h in float64): as accurate as a float64 SVD, to GRAM_TOLERANCE =
+#   0.1 weight ulps. For a float32 weight this allows kappa up to ~7e3; a float64 weight never
+#   passes, so float64 weights always take the SVD route.
+# * dtype=float32 (G, eigh, h and the product back all in float32, LAPACK syevd): as accurate as
+#   the float32 SVD, whose own error is not one ulp but grows with m, because its U and V are
+#   orthogonal only to ~sqrt(m) u: measured 1.3 (m = 2), 4 (m = 8), 5.4 (m = 32), 10 (m = 160)
+#   and 18 (m = 640) float32 eps from the exact clip (medians over spectra and seeds). For
+#   kappa <= 1.5 the float32 Gram route measured at most 1.2 (m = 2), 3.8 (m = 8 .. 32), 4.9
+#   (m = 160) and 6.3 (m = 640) eps, below the float32 SVD's error at every m (0.62x of it at
+#   worst in tests/test_svb_routes.py); its error is dominated by float32 eigh, not by the
+#   float32 Gram (float32 G with float64 eigh stays within ~1 eps). At kappa = 2 it is up to
+#   1.5x the SVD's for m <= 8, at kappa = 64 seven to ten times it (m = 160 .. 640): the kappa^2
+#   growth is real. So GRAM_TOLERANCE_FLOAT32 = 2, i.e. kappa <= sqrt(2) for float32 weights
+#   (kappa <= 128 for float16, 362 for bfloat16, whose ulp is larger). Under SVB a layer's kappa
+#   stays near (1 + eps)^2 between passes, so training takes this route; a freshly initialised
+#   random layer (kappa ~ 2 or more) takes the float32 SVD. tests/test_svb_routes.py checks both
+#   sides of the threshold against a float64 SVD and the float32 SVD loop.
+#
+# The last product, D = (h(G) - I) A, is the only O(m n min(m, n)) step after G. Only the k
+# out-of-band eigenvectors Q_k (f = clip(s)/s - 1 != 0) enter it: D = Q_k diag(f_k) (Q_k^T A),
+# 2 k m n flops instead of m^2 n, taken when 2k < m (and nothing at all when k = 0: the matrix
+# is returned bit-identical). Where dtype=float64 and the weight is float32 (or lower), D of a
+# large matrix is formed in float32: its rounding error is about eps32 * ||h(G) - I|| * ||A||,
+# i.e. eps32 * rho relative to ||A'|| with rho = max|f| s_max / max(s'), and writing A' back in
+# float32 costs one eps32 anyway. We do so only where rho <= APPLY_RHO (a few ulps at most;
+# rho ~ 1 for freshly initialised layers), else in float64.
 GRAM_TOLERANCE = 0.1
+GRAM_TOLERANCE_FLOAT32 = 2.0
 APPLY_RHO = 4.0
 #: Matrices with at least this many entries are processed one by one (batching does not help a
 #: CPU LAPACK call that size and stacking costs copies); smaller ones are stacked by shape.
 _LARGE = 1 << 16
-#: Row-block size of the lower-triangle Gram product (eigh reads the lower triangle only).
-_GRAM_BLOCK = 160
+#: Row-block size of the lower-triangle Gram product (eigh reads the lower triangle only): 55% of
+#: the full product's flops for 640 rows (160-row blocks: 62%). Measured (float32, one CPU
+#: thread): 63% of the full product's time for 640 x 5760 with blocks of 64 to 160, and for
+#: 320 x 2880 63% with blocks of 64 against 77% with 160.
+_GRAM_BLOCK = 64
 
 
 def _gram_allowed(weight_dtype: torch.dtype, dtype: torch.dtype) -> float:
     """Smallest ``l_min / l_max`` for which the Gram route is accurate; > 1 when never."""
-    return torch.finfo(dtype).eps / (GRAM_TOLERANCE * torch.finfo(weight_dtype).eps)
+    tol = GRAM_TOLERANCE if dtype == torch.float64 else GRAM_TOLERANCE_FLOAT32
+    return torch.finfo(dtype).eps / (tol * torch.finfo(weight_dtype).eps)
 
 
 class _DecompositionError(RuntimeError):
@@ -154,30 +182,49 @@ def _lower_gram(x: torch.Tensor) -> torch.Tensor:
 def _gram_route(a: torch.Tensor, lo: float, hi: float, dtype: torch.dtype, min_ratio: float):
     """Gram route (Note [Gram route accuracy]); returns ``(new, s, s_new, ok)``, s descending.
 
-    Entries with ``ok[i] == False`` failed the accuracy check and hold garbage.
+    ``G``, its eigendecomposition and ``h`` are in ``dtype``. Entries with ``ok[i] == False``
+    failed the accuracy check and hold garbage.
     """
     wide = a.shape[-2] <= a.shape[-1]
-    a64 = a.to(dtype)
-    x = a64 if wide else a64.mT  # (B, r, n'), r = min(m, n)
+    x = a.to(dtype)
+    x = x if wide else x.mT  # (B, r, n'), r = min(m, n)
     lam, q = _per_item(lambda g: torch.linalg.eigh(g, UPLO="L"), _lower_gram(x))  # ascending
     ok = (lam[:, 0] >= min_ratio * lam[:, -1]) & (lam[:, -1] > 0) & torch.isfinite(lam).all(-1)
     s = lam.clamp_min(torch.finfo(dtype).tiny).sqrt()
     s_new = s.clamp(lo, hi)
     f = torch.where(ok[:, None], s_new / s - 1, torch.zeros_like(s))  # 0 exactly when in band
-    h = (q * f.unsqueeze(-2)) @ q.mT  # h(G) - I, (B, r, r)
-    if a.dtype != dtype and a[0].numel() >= _LARGE:
-        # Note [Gram route accuracy], last paragraph: D in the weight's dtype where rho allows.
-        rho = f.abs().amax(-1) * s[:, -1] / s_new[:, -1]
-        new = torch.empty_like(a)
-        for i in range(a.shape[0]):
-            work = torch.promote_types(a.dtype, torch.float32) if rho[i] <= APPLY_RHO else dtype
-            ai, hi_ = a[i].to(work), h[i].to(work)
-            out = torch.addmm(ai, hi_, ai) if wide else torch.addmm(ai, ai, hi_)
-            new[i] = out.to(a.dtype)
+    if a[0].numel() >= _LARGE:
+        outs = [_apply_one(a[i], q[i], f[i], s[i], s_new[i], dtype) for i in range(a.shape[0])]
+        new = outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
     else:
-        delta = h @ a64 if wide else a64 @ h
-        new = (a64 + delta).to(a.dtype)
+        h = (q * f.unsqueeze(-2)) @ q.mT  # h(G) - I, (B, r, r)
+        new = torch.baddbmm(x, h, x).to(a.dtype)
+        new = new if wide else new.mT
     return new, s.flip(-1), s_new.flip(-1), ok
+
+
+def _apply_one(a: torch.Tensor, q: torch.Tensor, f: torch.Tensor, s, s_new, dtype) -> torch.Tensor:
+    """``a + (h(G) - I) a`` for one large matrix (Note [Gram route accuracy], last paragraph).
+
+    ``q`` (r, r) and ``f`` (r,) are the eigenvectors and ``clip(s)/s - 1`` in ``dtype``, ``s``
+    and ``s_new`` ascending. Only the out-of-band columns of ``q`` are used; none: ``a`` itself.
+    """
+    out_of_band = (f != 0).nonzero().flatten()
+    k = out_of_band.numel()
+    if k == 0:
+        return a.clone()  # bit-identical, and not a view of the caller's weight
+    work = dtype
+    if a.dtype != dtype and f.abs().max() * s[-1] / s_new[-1] <= APPLY_RHO:
+        work = torch.promote_types(a.dtype, torch.float32)
+    wide = a.shape[0] <= a.shape[1]
+    x = a.to(work)
+    x = x if wide else x.mT  # (r, n')
+    if 2 * k < x.shape[0]:  # 2 k r n' flops instead of r^2 n'
+        qk = q[:, out_of_band]  # (r, k)
+        out = torch.addmm(x, (qk * f[out_of_band]).to(work), qk.to(work).mT @ x)
+    else:
+        out = torch.addmm(x, ((q * f) @ q.mT).to(work), x)  # x + (h(G) - I) x
+    return (out if wide else out.mT).to(a.dtype)
 
 
 def _bound_stack(
@@ -223,7 +270,7 @@ def _bound_matrices(
     for i, m in enumerate(mats):
         key = (tuple(m.shape[1:]), m.dtype, m.device)
         buckets.setdefault(key, []).extend((i, g) for g in range(m.shape[0]))
-    out_new = [torch.empty_like(m) for m in mats]
+    out_new: List[Optional[torch.Tensor]] = [None] * len(mats)
     r_of = [min(m.shape[1:]) for m in mats]
     out_s = [torch.empty(m.shape[0], r, dtype=torch.float64) for m, r in zip(mats, r_of)]
     out_s_new = [torch.empty_like(s) for s in out_s]
@@ -245,8 +292,13 @@ def _bound_matrices(
             except _DecompositionError as err:
                 raise _DecompositionError(chunk[err.index][0], err.cause) from err.cause
             s, s_new = s.double().cpu(), s_new.double().cpu()
+            if len(chunk) == 1 and mats[chunk[0][0]].shape[0] == 1:
+                out_new[chunk[0][0]] = new  # a whole one-group layer: no copy
             for j, (i, g) in enumerate(chunk):
-                out_new[i][g] = new[j]
+                if out_new[i] is None:
+                    out_new[i] = torch.empty_like(mats[i])
+                if out_new[i] is not new:
+                    out_new[i][g] = new[j]
                 out_s[i][g] = s[j]
                 out_s_new[i][g] = s_new[j]
                 out_routes[i].add(routes[j])
@@ -283,10 +335,15 @@ def bound_singular_values(
     result has ``weight``'s dtype, which must be float16, bfloat16, float32 or float64 (anything
     else raises ``ValueError`` naming the dtype).
     ``method``: ``'svd'`` (``torch.linalg.svd``), ``'gram'`` (eigendecomposition of the smaller
-    Gram matrix, only where it is as accurate as the weight's dtype, else SVD: see Note [Gram
+    Gram matrix, only where it is as accurate as the SVD in ``dtype``, else SVD: see Note [Gram
     route accuracy] in the source) or ``'auto'`` (Gram for matrices at least
-    ``GRAM_MIN_ASPECT`` times wider than tall, or taller than wide). Cost per group:
-    ``O(m n min(m, n))``.
+    ``GRAM_MIN_ASPECT`` times wider than tall, or taller than wide). "As accurate" is per
+    ``dtype``: with float64 (the default) the result is within ~1 float32 ulp of the exact clip
+    for condition numbers up to ~7e3; with ``dtype=torch.float32`` (Gram, eigendecomposition and
+    products all in float32, several times faster on CPU) it is as accurate as a float32 SVD,
+    which for a float32 weight needs ``s_max / s_min <= sqrt(2)`` (what SVB keeps a layer at; a
+    freshly initialised random layer usually takes the float32 SVD). Cost per group:
+    ``O(m n min(m, n))``, less when few values lie outside the band.
 
     >>> w = torch.randn(8, 4, 3, 3)
     >>> b = bound_singular_values(w, 0.1)
@@ -310,7 +367,7 @@ def bound_singular_values(
             f"weight.shape[0] ({weight.shape[0]}: out_channels, or in_channels of a transposed "
             f"convolution) is not divisible by groups ({groups})"
         )
-    if not bool(torch.isfinite(weight).all()):
+    if not _all_finite(weight):
         raise ValueError("weight contains NaN or Inf values")
     lo, hi = _band(eps)
     mats = _matrices(weight.detach(), groups)
@@ -321,4 +378,11 @@ def bound_singular_values(
     return new.reshape(weight.shape)
 
 
-__all__ = ["APPLY_RHO", "GRAM_MIN_ASPECT", "GRAM_TOLERANCE", "METHODS", "bound_singular_values"]
+__all__ = [
+    "APPLY_RHO",
+    "GRAM_MIN_ASPECT",
+    "GRAM_TOLERANCE",
+    "GRAM_TOLERANCE_FLOAT32",
+    "METHODS",
+    "bound_singular_values",
+]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._geometry import is_conv
+from .report import record_input_sizes
 from .spectrum import conv_singular_values
 
 #: Lipschitz constants of elementwise activations (the sup of |derivative|).
@@ -172,8 +173,9 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
     :func:`convspec.conv_singular_values` with ``which='max'``, within relative ``tol``) and,
     as its bound, ``sigma_max`` plus its error bound; ``nn.Linear``: the matrix 2-norm;
     average pooling: the norm of the equivalent depthwise convolution; max pooling: ``sqrt`` of
-    the windows an input can fall in; BatchNorm in eval mode: ``max |gamma| / sqrt(var +
-    eps)`` (a diagonal map; in training mode it is unsupported); activations: their known
+    the windows an input can fall in; BatchNorm: ``max |gamma| / sqrt(running_var + eps)``
+    (the model is bounded as in eval mode, the map it computes at inference; a BatchNorm
+    without running statistics is unsupported); activations: their known
     Lipschitz constants (ReLU 1, sigmoid 1/4, GELU 1.129, ...). These are combined through
     the graph (Note [Lipschitz propagation]): sums for residual additions ``x + f(x)``,
     products along chains. The result is an *upper bound* on the network's l2 Lipschitz
@@ -196,33 +198,21 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    sizes: Dict[str, Tuple[int, ...]] = {}
     modules = dict(model.named_modules())
-
-    def record(name):
-        def hook(module, inputs):
-            if inputs and isinstance(inputs[0], torch.Tensor):
-                sizes.setdefault(name, tuple(inputs[0].shape[2:]))
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in modules.items() if n]
+    sizes, _ = record_input_sizes(model, example_input, [(n, m) for n, m in modules.items() if n])
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported, not hidden
+        raise ValueError(
+            f"lipschitz_report: the model cannot be traced by torch.fx ({type(exc).__name__}: "
+            f"{exc}); the bound needs its graph (sequential chains and x + f(x) blocks)"
+        ) from exc
     was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-        try:
-            graph = fx.symbolic_trace(model).graph
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported, not hidden
-            raise ValueError(
-                f"lipschitz_report: the model cannot be traced by torch.fx ({type(exc).__name__}: "
-                f"{exc}); the bound needs its graph (sequential chains and x + f(x) blocks)"
-            ) from exc
+        model.eval()  # (BatchNorm's mode is read from the modules themselves)
         return _propagate(graph, modules, sizes, tol)
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
 
 
 def _propagate(graph: fx.Graph, modules, sizes, tol) -> LipschitzReport:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -79,6 +79,38 @@ def reshaped_values(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return torch.sort(torch.linalg.svdvals(mats).reshape(-1), descending=True).values
 
 
+def record_input_sizes(model: nn.Module, example_input: torch.Tensor, modules,
+                       size_of=lambda module, x: tuple(int(n) for n in x.shape[2:])):
+    """``(sizes, repeated)``: the input size ``size_of(module, input)`` each of ``modules``
+    (``(name, module)`` pairs) first sees in one forward pass of ``example_input`` (eval mode, no
+    gradient; the training flag is restored, the hooks removed), and the names seen at more than
+    one size. A module the pass does not reach is absent from ``sizes``."""
+    sizes: Dict[str, Tuple[int, ...]] = {}
+    repeated: Set[str] = set()
+
+    def record(name):
+        def hook(module, inputs):
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                size = size_of(module, inputs[0])
+                if sizes.setdefault(name, size) != size:
+                    repeated.add(name)
+            # returns None: inputs unchanged
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return sizes, repeated
+
+
 def spectrum_report(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -127,28 +159,8 @@ def spectrum_report(
     convs = [(name, m) for name, m in model.named_modules() if is_conv(m)]
     if not convs:
         raise ValueError("model has no convolution layer (nn.Conv*d or nn.ConvTranspose*d)")
-    sizes, repeated = {}, set()
-
-    def record(name):
-        def hook(module, inputs):
-            d = len(module.kernel_size)
-            size = tuple(int(n) for n in inputs[0].shape[-d:])
-            if sizes.setdefault(name, size) != size:
-                repeated.add(name)
-            # returns None: inputs unchanged
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in convs]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    sizes, repeated = record_input_sizes(
+        model, example_input, convs, lambda m, x: tuple(int(n) for n in x.shape[-len(m.kernel_size):]))
     missed = [name for name, _ in convs if name not in sizes]
     if missed:
         warnings.warn(f"spectrum_report: conv layer(s) {missed} were not reached by the forward "

@@ -22,6 +22,7 @@ from torch import nn
 
 from .._progress import progress_bar
 from .._provenance import environment
+from ..report import record_input_sizes
 from ..report import reshaped_values
 from ..spectrum import conv_singular_values
 from ..train.config import TrainConfig
@@ -47,18 +48,8 @@ def pick_layers(convs: Sequence[str]) -> Dict[str, str]:
 
 
 def _input_sizes(model: nn.Module, example: torch.Tensor) -> Dict[str, tuple]:
-    sizes, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, inp, name=name: sizes.__setitem__(name, tuple(inp[0].shape[-2:]))))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return record_input_sizes(model, example, convs)[0]
 
 
 def layer_spectra(model: nn.Module, example: torch.Tensor, progress: bool = False) -> Dict:

@@ -149,7 +149,9 @@ def check_svb(record: dict, where: str) -> None:
 
 REGULARIZER_ROW = {"model", "input", "batch", "layers", "repeats", "step_s", "regularizer_s",
                    "per_layer_s", "regularizer_percent", "per_layer_percent",
-                   "rel_diff_per_layer", "met"}
+                   "rel_diff_per_layer", "met", "step_cpu_s", "regularizer_cpu_s",
+                   "regularizer_cpu_percent", "step_macs", "regularizer_macs",
+                   "regularizer_macs_percent"}
 
 
 def check_regularizer(record: dict, where: str) -> None:
@@ -347,11 +349,13 @@ def svb_block(record: dict) -> str:
 def regularizer_block(record: dict) -> str:
     rows = [[r["model"], r["input"], str(r["batch"]), str(r["layers"]),
              sig(r["step_s"] * 1e3), sig(r["regularizer_s"] * 1e3),
-             f"{sig(r['regularizer_percent'], 2)}%", sig(r["per_layer_s"] * 1e3),
+             f"{sig(r['regularizer_percent'], 2)}%", f"{sig(r['regularizer_cpu_percent'], 2)}%",
+             f"{sig(r['regularizer_macs_percent'], 2)}%", sig(r["per_layer_s"] * 1e3),
              f"{sig(r['per_layer_percent'], 2)}%", exp(r["rel_diff_per_layer"]), yes(r["met"])]
             for r in record["rows"]]
     header = ["model", "input", "batch", "layers", "step (ms)", "`reg()` fwd+bwd (ms)",
-              "share of step", "per-layer terms (ms)", "share", "rel. diff", "met"]
+              "share of step", "share of CPU time", "share of multiply-adds",
+              "per-layer terms (ms)", "share", "rel. diff", "met"]
     repeats = ", ".join(sorted({str(r["repeats"]) for r in record["rows"]}))
     return (table(header, rows) + f"\n\n{record['dtype']}, median of {repeats} interleaved "
             f"repeats; target: {record['target']}.\n" + machine(record["environment"]))

@@ -140,16 +140,20 @@ def _mixed_model():
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("concatenate", [False, True])
-def test_batched_sum_matches_per_layer_and_dense(normalize, concatenate, monkeypatch):
+@pytest.mark.parametrize("chunk_bytes", [0, 30000, 2**30])
+def test_batched_sum_matches_per_layer_and_dense(normalize, chunk_bytes, monkeypatch):
     model = _mixed_model()
-    # concatenate=True: the one-GEMM-per-group route of accelerators, run on the CPU.
-    monkeypatch.setattr(convspec.regularizer, "_concatenate", lambda device: concatenate)
+    # 0: one layer per call; 30000: the two equal 6-channel 3 x 3 layers (23 kB of Gram each)
+    # in two calls, the two 7 x 7 linear layers in one; 2**30: one call per group.
+    monkeypatch.setattr(convspec.regularizer, "_chunk_bytes", lambda device: chunk_bytes)
     reg = convspec.FrobeniusRegularizer(model, 0.7, normalize=normalize)
     model(torch.randn(2, 2, 5, 5, dtype=torch.float64))
     model[0](torch.randn(1, 2, 4, 6, dtype=torch.float64))  # a second size for one layer
     total = reg()
     assert any(len(g.members) > 1 for g in reg._plan[1])
+    chunks = [stop - start for g in reg._plan[1] for start, stop in g.chunks]
+    assert max(chunks) == (1 if chunk_bytes == 0 else 2)
+    assert any(len(g.chunks) > 1 for g in reg._plan[1]) == (chunk_bytes < 2**30)
     dense = 0.0
     for name, conv in reg.convs.items():
         for size in reg.input_sizes[name]:
@@ -207,7 +211,8 @@ def test_the_plan_holds_no_weight_and_the_model_still_copies():
     reg().backward()
     weights = {id(p) for p in model.parameters()}
     for group in reg._plan[1]:
-        assert id(group.v) not in weights and id(group.d) not in weights
+        qs, *rest = group.consts
+        assert all(id(t) not in weights for t in (*qs, *rest))
     buf = io.BytesIO()
     torch.save(model, buf)
     ema = copy.deepcopy(model)

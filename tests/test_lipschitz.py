@@ -130,3 +130,87 @@ def test_cli(tmp_path, capsys, monkeypatch):
     assert "unsupported: 1 (Softmax)" in capsys.readouterr().out
     assert main(["lipschitz", str(tmp_path / "none.pt"), "--input-size", "1", "6", "6"]) == 1
     assert "not a checkpoint file" in capsys.readouterr().err
+
+
+class _Pattern(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.down = nn.Conv2d(2, 2, 8, stride=8, bias=False)
+        self.elu = nn.ELU(alpha=3.0, inplace=True)
+        self.fc = nn.Linear(2 * 8 * 8, 2 * 8 * 8, bias=False)
+
+    def forward(self, x):
+        k = self.kind
+        if k == "broadcast":
+            return x + self.pool(x)
+        if k == "alpha":
+            return torch.add(x, torch.relu(x), alpha=10)
+        if k == "data":
+            return x + 10 * self.fc(x.data.flatten(1)).view_as(x)
+        if k == "two outputs":
+            return x, x
+        if k == "reuse at two sizes":
+            return self.conv(self.down(torch.cat([x] * 4, dim=2).repeat(1, 1, 1, 4)))
+        if k == "eval branch":
+            return x * 10 if not self.training else x
+        raise AssertionError(k)
+
+
+@pytest.mark.parametrize("kind", ["broadcast", "alpha", "data", "two outputs", "eval branch"])
+def test_bound_holds_on_tricky_graphs(kind):
+    """Patterns where a naive propagation reports less than the true constant."""
+    torch.manual_seed(0)
+    net = _Pattern(kind).double()
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    rep = lipschitz_report(net, x)
+    assert rep.bound is not None, rep.unsupported
+    net.eval()
+
+    def f(t):
+        out = net(t.view(1, 2, 8, 8))
+        out = out if isinstance(out, tuple) else (out,)
+        return torch.cat([o.reshape(-1) for o in out])
+
+    jac = torch.autograd.functional.jacobian(f, x.reshape(-1))  # all these maps are linear
+    assert float(torch.linalg.matrix_norm(jac, 2)) <= rep.bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("module,forward,why", [
+    (nn.Hardshrink(), lambda m, x: m(x), "Hardshrink"),  # discontinuous: no constant
+    (nn.Identity(), lambda m, x: x[:, [0, 0, 0]], "indexing"),  # repeats a value
+    (nn.ELU(alpha=3.0, inplace=True), lambda m, x: m(x) + x, "in-place"),
+])
+def test_unsound_patterns_are_refused(module, forward, why):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = module
+
+        def forward(self, x):
+            return forward(self.m, x)
+
+    rep = lipschitz_report(Net(), torch.randn(1, 2, 4, 4))
+    assert rep.bound is None and any(why in u for u in rep.unsupported), rep.unsupported
+
+
+def test_a_module_applied_at_two_sizes_is_bounded_at_each():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 2, 3, padding=1, bias=False).double()
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(x[:, :, :1, :1]).flatten(1), self.conv(x).flatten(1)
+
+    x = torch.zeros(1, 2, 16, 16, dtype=torch.float64)
+    rep = lipschitz_report(Twice(), x)
+    sizes = sorted(r.input_size for r in rep.layers)
+    assert sizes == [(1, 1), (16, 16)]
+    big = next(r for r in rep.layers if r.input_size == (16, 16))
+    assert big.sigma_max == pytest.approx(dense_norm(conv, 16), rel=1e-6)

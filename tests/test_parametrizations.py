@@ -30,6 +30,7 @@ LAYERS = {  # name: (factory, spatial input size)
     "convtranspose1d": (lambda: nn.ConvTranspose1d(4, 3, 3, stride=2, padding=1), (9,)),
     "convtranspose2d": (
         lambda: nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1), (5, 5)),
+    "convtranspose3d": (lambda: nn.ConvTranspose3d(2, 3, 3, stride=2, padding=1), (3, 3, 3)),
     "linear": (lambda: nn.Linear(7, 5), ()),
 }
 
@@ -65,8 +66,8 @@ def test_trained_layer_has_operator_norm_one(name, bound):
     make, size = LAYERS[name]
     torch.manual_seed(1)
     m = make().double()
-    # the size is recorded by the first forward pass (none given)
-    operator_spectral_norm(m, n_power_iterations=20 if bound == "estimate" else 1, bound=bound)
+    # the size is recorded by the first forward pass (none given); default iterations
+    operator_spectral_norm(m, bound=bound)
     train(m, size)
     m.eval()
     s = operator_norm(m, size)
@@ -241,3 +242,39 @@ def test_ddp_ranks_share_vectors_and_weights(tmp_path):
     assert a.keys() == b.keys() and "0.parametrizations.weight.0._u" in a
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_after_removal_keyword_inputs_and_eval_at_a_new_size():
+    torch.manual_seed(7)
+    m = operator_spectral_norm(nn.Conv2d(3, 4, 3, padding=1))
+    m(input=torch.randn(2, 3, 8, 8))  # a keyword input is recorded too
+    p = m.parametrizations.weight[0]
+    assert p._size == (8, 8)
+    m.eval()
+    w = m.weight.detach().clone()
+    x = torch.randn(1, 3, 20, 20)
+    state = torch.random.get_rng_state()
+    m(x)  # eval: the weight stays normalised for the trained size
+    assert p._size == (8, 8) and torch.equal(m.weight, w)
+    assert torch.equal(torch.random.get_rng_state(), state)  # and no random draw
+    parametrize.remove_parametrizations(m, "weight")
+    assert m(torch.randn(1, 3, 8, 8)).shape == (1, 4, 8, 8)  # the hook is a no-op now
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_modules_keep_float32_vectors_and_the_certificate(dtype):
+    torch.manual_seed(8)
+    for bound in ("estimate", "certified"):
+        m = operator_spectral_norm(nn.Conv2d(4, 4, 3, padding=1), input_size=8, bound=bound)
+        m.to(dtype)
+        p = m.parametrizations.weight[0]
+        assert p._u.dtype == p._v.dtype == torch.float32
+        m(torch.randn(2, 4, 8, 8, dtype=dtype))
+        m.eval()
+        w = m.weight.detach()
+        assert w.dtype == dtype
+        s = float(torch.linalg.matrix_norm(conv_operator(w.double(), 8, padding=1), 2))
+        if bound == "certified":
+            assert s <= 1.0  # the rounded weight itself, not just the float32 quotient
+        else:
+            assert abs(s - 1) < 5 * torch.finfo(dtype).eps + 1e-3

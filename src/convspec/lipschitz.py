@@ -4,9 +4,14 @@ operator norms of its layers.
 Note [Lipschitz propagation]: the model is traced with ``torch.fx`` and, for each tensor of the
 graph, a bound ``L`` on the Lipschitz constant of the map from the network input to that tensor
 is propagated: ``L(input) = 1``; a module or function ``f`` applied to ``x`` gives
-``Lip(f) L(x)``; ``a + b`` (and ``a - b``) gives ``L(a) + L(b)`` (a residual block
-``x + f(x)``: ``(1 + Lip(f)) L(x)``); concatenation gives ``sqrt(sum L^2)``; a reshape, flatten,
-slice or permutation keeps ``L``; multiplication by a constant ``c`` gives ``|c| L``. Every
+``Lip(f) L(x)`` (a module's bound at the input size of *that* call: a module applied at two
+sizes is bounded at each); ``a + b`` (and ``a - b``, ``alpha`` included) gives
+``L(a) + L(b)``, each term times ``sqrt`` of how often broadcasting repeats its values (a
+residual block ``x + f(x)``: ``(1 + Lip(f)) L(x)``); concatenation, and several outputs, give
+``sqrt(sum L^2)``; a reshape, flatten, permutation or basic slice keeps ``L`` (indexing that
+can repeat values is refused); multiplication by a constant ``c`` gives ``|c| L``; an in-place
+operation on a tensor that something else also reads is refused. The graph is traced and its
+shapes propagated (``ShapeProp``) in eval mode, the map the model computes at inference. Every
 ``Lip(f)`` is an upper bound: the exact operator norm of a linear layer plus its certified error,
 a BatchNorm in eval mode as its diagonal scale, the known constant of an activation. A module or
 function with no known bound is *named* in ``unsupported`` and the network bound is then
@@ -23,29 +28,29 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 import torch.nn.functional as F
 from torch import nn
 
 from ._geometry import is_conv
-from .report import record_input_sizes
-from .spectrum import conv_singular_values
+from .spectrum import conv_singular_values, conv_spectral_norm_bound
 
 #: Lipschitz constants of elementwise activations (the sup of |derivative|).
 _ACTIVATIONS = {
     nn.ReLU: 1.0, nn.ReLU6: 1.0, nn.Tanh: 1.0, nn.Hardtanh: 1.0, nn.Softsign: 1.0,
     nn.Sigmoid: 0.25, nn.Softplus: 1.0, nn.Identity: 1.0, nn.Dropout: 1.0, nn.Flatten: 1.0,
     nn.Unflatten: 1.0, nn.Mish: 1.089, nn.SiLU: 1.0998, nn.GELU: 1.1290, nn.Hardswish: 1.5,
-    nn.Hardsigmoid: 1 / 6, nn.Tanhshrink: 1.0, nn.Softshrink: 1.0, nn.Hardshrink: 1.0,
+    nn.Hardsigmoid: 1 / 6, nn.Tanhshrink: 1.0, nn.Softshrink: 1.0,
 }
 _FUNCTIONS = {
     torch.relu: 1.0, F.relu: 1.0, torch.tanh: 1.0, torch.sigmoid: 0.25, F.relu6: 1.0,
-    F.gelu: 1.1290, F.silu: 1.0998, F.dropout: 1.0,
+    F.gelu: 1.1290, F.silu: 1.0998,
 }
 #: Shape-only operations: the values are a subset or rearrangement, ``L`` is unchanged.
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-                    torch.unsqueeze, operator.getitem, torch.narrow}
+                    torch.unsqueeze, torch.narrow}
 _SHAPE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
-                  "contiguous", "narrow", "__getitem__", "clone", "detach"}
+                  "contiguous", "narrow", "clone", "detach"}
 
 
 @dataclass
@@ -89,6 +94,9 @@ class LipschitzReport:
 
 def _conv_bound(module: nn.Module, size: Tuple[int, ...], tol: float) -> Tuple[float, float, str]:
     spec = conv_singular_values(module, size, which="max", tol=tol, progress=False)
+    if not spec.converged:  # the error bound is then not certified: the Gram-iteration bound is
+        return spec.sigma_max, conv_spectral_norm_bound(module, size, progress=False), \
+            f"{spec.method} (not converged; bound: Gram iteration)"
     err = spec.sigma_max_error or 0.0
     # float64 rounding of the dense / FFT routes: a relative margin far above it
     upper = (spec.sigma_max + err) * (1 + 1e-12)
@@ -145,7 +153,7 @@ def _module_bound(module: nn.Module, size: Tuple[int, ...], tol: float):
     if type(module) in (nn.LeakyReLU,):
         return None, max(1.0, abs(module.negative_slope)), "constant"
     if type(module) is nn.ELU:
-        return None, max(1.0, module.alpha), "constant"
+        return None, max(1.0, abs(module.alpha)), "constant"
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
         d = len(size)
 
@@ -199,30 +207,63 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(f"example_input must be a tensor, got {type(example_input).__name__}")
     modules = dict(model.named_modules())
-    sizes, _ = record_input_sizes(model, example_input, [(n, m) for n, m in modules.items() if n])
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported, not hidden
-        raise ValueError(
-            f"lipschitz_report: the model cannot be traced by torch.fx ({type(exc).__name__}: "
-            f"{exc}); the bound needs its graph (sequential chains and x + f(x) blocks)"
-        ) from exc
     was_training = model.training
     try:
-        model.eval()  # (BatchNorm's mode is read from the modules themselves)
-        return _propagate(graph, modules, sizes, tol)
+        model.eval()  # the map the model computes at inference (and what the trace follows)
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported, not hidden
+            raise ValueError(
+                f"lipschitz_report: the model cannot be traced by torch.fx ({type(exc).__name__}: "
+                f"{exc}); the bound needs its graph (sequential chains and x + f(x) blocks)"
+            ) from exc
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)  # each node's shape: sizes, broadcasting
+        return _propagate(gm.graph, modules, tol)
     finally:
         model.train(was_training)
 
 
-def _propagate(graph: fx.Graph, modules, sizes, tol) -> LipschitzReport:
+def _shape(node) -> Optional[Tuple[int, ...]]:
+    """The node's tensor shape, ``None`` if its value is not a tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _basic_index(index) -> bool:
+    """An index that selects a sub-block (ints, slices, None, Ellipsis): never repeats a value."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items)
+
+
+_VIEW_ATTRIBUTES = {"data", "T", "mT", "H", "mH"}
+
+
+def _in_place(node: fx.Node, modules) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        return bool(node.kwargs.get("inplace", False)) or node.target in (
+            operator.iadd, operator.isub, operator.imul)
+    return False
+
+
+def _propagate(graph: fx.Graph, modules, tol) -> LipschitzReport:
     lip: Dict[fx.Node, float] = {}
     layers: List[LayerLipschitz] = []
     unsupported: List[str] = []
-    seen: Dict[str, float] = {}
+    seen: Dict[Tuple[str, Tuple[int, ...]], float] = {}
 
     def tensors(args):
         return [a for a in _flat(args) if isinstance(a, fx.Node) and a in lip]
+
+    def refuse(node, why):
+        unsupported.append(f"{node.name} ({why})")
+        lip[node] = math.inf
 
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -231,50 +272,79 @@ def _propagate(graph: fx.Graph, modules, sizes, tol) -> LipschitzReport:
         if node.op in ("get_attr", "output"):
             continue
         ins = tensors((node.args, node.kwargs))
-        if not ins:
-            continue  # a constant: not a function of the input
-        if (node.op == "call_method" and node.target in ("size", "dim", "numel")
-                or node.op == "call_function" and node.target is getattr):
-            continue  # a size, not a tensor
+        if not ins or _shape(node) is None:
+            continue  # a constant, or not a tensor (a size)
         first = lip[ins[0]]
+        if _in_place(node, modules) and len(ins[0].users) > 1:
+            refuse(node, "an in-place operation on a tensor that is used elsewhere")
+            continue
+        out_numel = math.prod(_shape(node))
+
+        def spread(a):  # broadcasting repeats each value numel(out) / numel(a) times
+            shape = _shape(a)
+            return math.sqrt(out_numel / max(1, math.prod(shape))) if shape else 1.0
+
+        target = node.target
         if node.op == "call_module":
-            name = node.target
-            if name not in seen:
-                module = modules[name]
-                got = _module_bound(module, sizes.get(name, ()), tol)
+            module = modules[target]
+            size = tuple(_shape(ins[0])[2:])
+            key = (target, size)
+            if key not in seen:
+                got = _module_bound(module, size, tol)
                 if got is None:
-                    unsupported.append(f"{name} ({type(module).__name__})")
-                    seen[name] = math.inf
+                    seen[key] = math.inf
+                    unsupported.append(f"{target} ({type(module).__name__})")
                 else:
-                    s, bound, route = got
-                    layers.append(LayerLipschitz(name, type(module).__name__,
-                                                 sizes.get(name, ()), bound, s, route))
-                    seen[name] = bound
-            lip[node] = seen[name] * first
-        elif node.op == "call_function" and node.target in (operator.add, torch.add,
-                                                             operator.sub, torch.sub):
-            lip[node] = sum(lip[a] for a in ins)
-        elif node.op == "call_function" and node.target in (torch.cat, torch.stack):
+                    sigma, bound, route = got
+                    layers.append(LayerLipschitz(target, type(module).__name__, size, bound,
+                                                 sigma, route))
+                    seen[key] = bound
+            lip[node] = seen[key] * first
+        elif node.op == "call_function" and target in (operator.add, torch.add, operator.sub,
+                                                       torch.sub, operator.iadd, operator.isub):
+            if set(node.kwargs) - {"alpha"}:
+                refuse(node, f"{getattr(target, '__name__', target)} with {sorted(node.kwargs)}")
+                continue
+            alpha = abs(float(node.kwargs.get("alpha", 1.0)))
+            terms = [a for a in _flat(node.args) if isinstance(a, fx.Node) and a in lip]
+            total = 0.0
+            for i, a in enumerate(terms):
+                total += (alpha if i == 1 else 1.0) * spread(a) * lip[a]
+            lip[node] = total
+        elif node.op == "call_function" and target in (torch.cat, torch.stack):
             lip[node] = math.sqrt(sum(lip[a] ** 2 for a in ins))
-        elif node.op == "call_function" and node.target in (operator.mul, torch.mul) \
-                and len(ins) == 1 and any(isinstance(a, (int, float)) for a in node.args):
+        elif node.op == "call_function" and target in (operator.mul, torch.mul) \
+                and len(ins) == 1 and not node.kwargs \
+                and any(isinstance(a, (int, float)) for a in node.args):
             c = next(a for a in node.args if isinstance(a, (int, float)))
             lip[node] = abs(c) * first
-        elif node.op == "call_function" and node.target in _FUNCTIONS and len(ins) == 1:
-            lip[node] = _FUNCTIONS[node.target] * first
-        elif (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS
-              or node.op == "call_method" and node.target in _SHAPE_METHODS) and len(ins) == 1:
+        elif node.op == "call_function" and target in _FUNCTIONS and len(ins) == 1 \
+                and set(node.kwargs) <= {"inplace"}:
+            lip[node] = _FUNCTIONS[target] * first
+        elif node.op == "call_function" and target is operator.getitem and len(ins) == 1:
+            if _basic_index(node.args[1]):
+                lip[node] = first
+            else:
+                refuse(node, "indexing that can repeat values")
+        elif node.op == "call_function" and target is getattr and len(ins) == 1:
+            if node.args[1] in _VIEW_ATTRIBUTES:
+                lip[node] = first
+            else:
+                refuse(node, f"attribute {node.args[1]!r}")
+        elif (node.op == "call_function" and target in _SHAPE_FUNCTIONS
+              or node.op == "call_method" and target in _SHAPE_METHODS) and len(ins) == 1:
             lip[node] = first
-        elif node.op == "call_method" and node.target in ("relu", "tanh") and len(ins) == 1:
+        elif node.op == "call_method" and target in ("view_as", "reshape_as"):
+            lip[node] = lip[node.args[0]]  # the other tensor gives only a shape
+        elif node.op == "call_method" and target in ("relu", "tanh") and len(ins) == 1:
             lip[node] = first
         else:
-            what = node.target if isinstance(node.target, str) else getattr(
-                node.target, "__name__", str(node.target))
-            unsupported.append(f"{node.name} ({node.op} {what})")
-            lip[node] = math.inf
-    out = [lip[n] for n in _flat([node.args for node in graph.nodes if node.op == "output"])
-           if isinstance(n, fx.Node) and n in lip]
-    bound = max(out) if out and not unsupported else None
+            what = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            refuse(node, f"{node.op} {what}")
+    outs = [n for n in _flat([node.args for node in graph.nodes if node.op == "output"])
+            if isinstance(n, fx.Node) and n in lip]
+    # several outputs are one vector: the concatenation's bound
+    bound = math.sqrt(sum(lip[n] ** 2 for n in outs)) if outs and not unsupported else None
     return LipschitzReport(layers, bound, unsupported)
 
 

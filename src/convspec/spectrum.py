@@ -1565,6 +1565,17 @@ def _bound_axes(geom: ConvGeometry) -> Tuple[Tuple[AxisGeometry, ...], float]:
     return tuple(axes), factor
 
 
+def abs_operator_bound(weight: torch.Tensor, geom: Optional[ConvGeometry]) -> float:
+    """An upper bound on ``|| |M| ||_2`` (``M``'s entries in absolute value), from the kernel:
+    ``sqrt(max row sum * max column sum)`` (``geom=None``: ``weight`` is a matrix)."""
+    a = weight.detach().abs().to(torch.float64)
+    if geom is None:
+        return math.sqrt(float(a.sum(1).max()) * float(a.sum(0).max()))
+    w, geom = _canonical(a, geom)
+    wg, geom1 = _group_weights(w, geom)
+    return _product_scale(wg.cpu(), geom1, _tall(geom1))
+
+
 def certified_norm_tensor(weight: torch.Tensor, geom: Optional[ConvGeometry],
                           n_iter: int = 6) -> torch.Tensor:
     """The bound of :func:`conv_spectral_norm_bound` as a differentiable tensor (float64, on

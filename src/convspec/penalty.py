@@ -508,7 +508,8 @@ def spectral_penalty(
     layer); else, when ``conv`` is a module, in buffers of that module
     (``spectral_penalty_u`` and ``spectral_penalty_v``, created by the first call and
     reinitialised when the input size changes), which ``state_dict``, ``.to()``, ``deepcopy``
-    and DDP carry like any buffer (to load such a ``state_dict`` into a fresh model, call the
+    and DDP carry like any buffer (call the penalty once before wrapping the model in DDP, so
+    that DDP sees the buffers; to load such a ``state_dict`` into a fresh model, call the
     penalty once first or load with ``strict=False``); a bare weight tensor without ``state``
     starts from random vectors at every call. The value
     is a lower bound of the exact penalty that becomes exact as the vectors converge; the

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import convspec
+from _compile_check import assert_compiled_step_matches_eager
 import convspec.penalty
 import convspec.regularizer
 from convspec._geometry import AxisGeometry, conv_geometry
@@ -130,26 +131,8 @@ def test_regularizer_batches_the_triangle_route(route, monkeypatch):
 
 def test_triangle_route_compiles_without_graph_break(monkeypatch):
     monkeypatch.setattr(convspec.penalty, "TRIANGLE_MIN", 0)
-    torch._dynamo.reset()
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
-    x = torch.randn(2, 3, 6, 6)
-    model(x)
-    reg = convspec.FrobeniusRegularizer(model)
-
-    def step(inp):
-        return model(inp).square().mean() + 1e-3 * reg()
-
-    explained = torch._dynamo.explain(step)(x)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
-    eager = step(x)
-    eager.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(step, backend="eager")(x)
-    compiled.backward()
-    assert torch.allclose(compiled, eager, rtol=1e-5)
-    for p, g in zip(model.parameters(), grads):
-        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert_compiled_step_matches_eager(model, torch.randn(2, 3, 6, 6))
 
 
 def _near_orthogonal(c):

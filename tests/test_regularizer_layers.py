@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import convspec
+from _compile_check import assert_compiled_step_matches_eager
 import convspec.regularizer
 from convspec.regularizer import MANY_SIZES
 
@@ -93,27 +94,9 @@ def test_save_and_deepcopy_leave_the_regularizer_alone():
 
 
 def test_compiled_step_has_no_graph_break_and_matches_eager():
-    torch._dynamo.reset()
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
                           nn.ConvTranspose2d(4, 2, 2, stride=2))
-    x = torch.randn(2, 3, 8, 8)
-    model(x)
-    reg = convspec.FrobeniusRegularizer(model)
-
-    def step(inp):
-        return model(inp).square().mean() + 1e-3 * reg()
-
-    explained = torch._dynamo.explain(step)(x)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
-    eager = step(x)
-    eager.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(step, backend="eager")(x)
-    compiled.backward()
-    assert torch.allclose(compiled, eager, rtol=1e-5)
-    for p, g in zip(model.parameters(), grads):
-        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert_compiled_step_matches_eager(model, torch.randn(2, 3, 8, 8))
 
 
 def test_autocast_bfloat16_forward_and_backward():

@@ -15,10 +15,13 @@ rectangle within reach of it, all of which lie on separators of its ancestors. T
 holds the Gram entries of ``S`` with ``S`` and ``U`` plus the update matrices its two children
 passed up (the multifrontal method; Duff & Reid, ACM TOMS 9, 1983); eliminating ``S`` is one
 dense Cholesky of ``S x S``, one triangular solve for the ``U x S`` block and one GEMM for the
-update ``U x U`` passed to the parent. The top separator has ``r N c`` unknowns (10240 for every
-stage of WRN-28-10) and the whole factorisation costs about ``1e12`` flops there, 20 times less
-than the banded one, in a few hundred MB. Only the two-axis case is handled here: one axis is
-already a band (the banded route is optimal), and three axes merge into a dense second axis.
+update ``U x U`` passed to the parent (lower triangle only). The top separator has ``r N c``
+unknowns (10240 for every stage of WRN-28-10), but the fronts below it carry rings of about
+``2 (r + 1) N / 2`` pixels, and their Schur updates dominate: at ``c = 160``, ``N = 32`` the
+factorisation costs 1.3e13 flops and 15 GB with the factor kept, against 3.6e13 and 23 GB for
+the band (``nested_cost``; measured 1.7-2.3x faster than the band at ``c = 16..32``,
+``benchmarks/model_scale.py``). Only the two-axis case is handled here: one axis is already a
+band (the banded route is optimal), and three axes merge into a dense second axis.
 
 Every entry is the float64 Gram entry (no approximation): a successful Cholesky is the same
 proof of positive definiteness (to rounding) as the banded one, and ``solve`` is the exact

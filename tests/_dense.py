@@ -77,3 +77,22 @@ def random_layer(rng: random.Random, *, ndim=None, transposed=None, mode=None, m
         except (RuntimeError, ValueError):
             continue  # PyTorch rejects this geometry (too small, pad too large, ...)
         return m, n
+
+
+def random_axes(rng: random.Random, count: int, *, mode=None, max_n: int = 30):
+    """``count`` valid random ``AxisGeometry`` (k 1..5, stride 1..3, dilation 1..3, padding
+    0..4, zero padding's hi down to -1); ``mode=None`` draws the padding mode per axis."""
+    from convspec._geometry import AxisGeometry
+
+    made = 0
+    while made < count:
+        m = rng.choice(MODES) if mode is None else mode
+        k, s, d, n = rng.randint(1, 5), rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, max_n)
+        lo, hi = rng.randint(0, 4), rng.randint(-1 if m == "zeros" else 0, 4)
+        if (m == "circular" and max(lo, hi) > n) or (m == "reflect" and max(lo, hi) >= n):
+            continue
+        ax = AxisGeometry(n, k, s, d, lo, hi, m)
+        if ax.out_size < 1:
+            continue
+        made += 1
+        yield ax

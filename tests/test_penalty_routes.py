@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 import convspec
-from _compile_check import assert_compiled_step_matches_eager
+from _compile_check import assert_compiled_step_matches_eager, assert_grads_match_per_layer
+from _dense import random_axes
 import convspec.penalty
 import convspec.regularizer
-from convspec._geometry import AxisGeometry, conv_geometry
+from convspec._geometry import conv_geometry
 from convspec.penalty import _axis_q, _constants, _GramSquaredNorm, _rows, _side
 
 from _dense import dense_penalty, random_layer
@@ -76,23 +77,13 @@ def test_gram_function_gradcheck(route, shape, n, kw):
 
 def test_axis_constants_are_symmetric_and_swap_invariant():
     # What the one-GEMM backward of _GramSquaredNorm assumes of each Q_i (Note [pair layout]).
-    rng = random.Random(7)
-    checked = 0
-    while checked < 300:
-        mode = rng.choice(("zeros", "circular", "reflect", "replicate"))
-        k, s, d, n = rng.randint(1, 5), rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 20)
-        lo, hi = rng.randint(0, 4), rng.randint(-1 if mode == "zeros" else 0, 4)
-        if (mode == "circular" and max(lo, hi) > n) or (mode == "reflect" and max(lo, hi) >= n):
-            continue
-        ax = AxisGeometry(n, k, s, d, lo, hi, mode)
-        if ax.out_size < 1:
-            continue
+    for ax in random_axes(random.Random(7), 300, max_n=20):
+        k = ax.kernel
         swap = np.arange(k * k).reshape(k, k).T.reshape(-1)  # (p, p') -> (p', p)
         for side in ("in", "out"):
             q = _axis_q(ax, side)
             np.testing.assert_array_equal(q, q.T)
             np.testing.assert_array_equal(q[swap][:, swap], q)
-        checked += 1
 
 
 def _model():
@@ -120,13 +111,7 @@ def test_regularizer_batches_the_triangle_route(route, monkeypatch):
         w = lin.weight.detach()
         dense += float((w.T @ w - 0.6 * torch.eye(w.shape[1], dtype=w.dtype)).square().sum())
     assert float(total) == pytest.approx(dense, rel=1e-10)
-    total.backward()
-    weights = [m.weight for m in model if hasattr(m, "weight")]
-    grads = [w.grad.clone() for w in weights]
-    model.zero_grad()
-    sum(reg.penalties().values()).backward()
-    for w, g in zip(weights, grads):
-        assert torch.allclose(w.grad, g, rtol=1e-10, atol=1e-12)
+    assert_grads_match_per_layer(model, reg, total)
 
 
 def test_triangle_route_compiles_without_graph_break(monkeypatch):

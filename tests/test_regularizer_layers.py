@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import convspec
-from _compile_check import assert_compiled_step_matches_eager
+from _compile_check import assert_compiled_step_matches_eager, assert_grads_match_per_layer
 import convspec.regularizer
 from convspec.regularizer import MANY_SIZES
 
@@ -151,13 +151,7 @@ def test_batched_sum_matches_per_layer_and_dense(normalize, chunk_bytes, monkeyp
         dense += term / w.shape[1] if normalize else term
     assert float(total) == pytest.approx(dense, rel=1e-10)
     assert float(total) == pytest.approx(float(sum(reg.penalties().values())), rel=1e-12)
-    total.backward()
-    weights = [m.weight for m in model if hasattr(m, "weight")]
-    grads = [w.grad.clone() for w in weights]
-    model.zero_grad()
-    sum(reg.penalties().values()).backward()
-    for w, g in zip(weights, grads):
-        assert torch.allclose(w.grad, g, rtol=1e-10, atol=1e-12)
+    assert_grads_match_per_layer(model, reg, total)
 
 
 def test_plan_is_reused_and_rebuilt_when_sizes_or_weights_change():

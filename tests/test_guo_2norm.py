@@ -253,3 +253,30 @@ def test_config_validation_names_the_field():
         Guo2NormConfig(budget=10, horizon=5).validate()
     with pytest.raises(ValueError, match="search_seeds"):
         Guo2NormConfig(seeds=[1], search_seeds=[1]).validate()
+
+
+@pytest.mark.parametrize("init", ["normal", "uniform"])
+def test_mirrored_shapes_are_different_problems(init):
+    # A k x k x g x h kernel and its mirror k x k x h x g reduce to the same tall problem
+    # (tall_kernel): drawn from the seed alone they were one problem counted twice.
+    for seed in range(3):
+        a = tall_kernel(g2._initial_kernel((3, 3, 3, 1), init, seed))
+        b = tall_kernel(g2._initial_kernel((3, 3, 1, 3), init, seed))
+        # the same problem up to a flip of the kernel (a unitary change of both bases)
+        assert a.shape == b.shape
+        assert not torch.equal(a, b) and not torch.equal(a.flip(-2, -1), b)
+    # and every (shape, seed) pair of a record has its own draws
+    keys = {g2._run_seed(s, seed) for s in g2.SHAPES for seed in range(10)}
+    assert len(keys) == 10 * len(g2.SHAPES)
+
+
+def test_runs_of_another_seeding_are_not_reused(tmp_path):
+    out = tmp_path / "g2"
+    args = ["reproduce", "guo-2norm", "--out", str(out), *TINY]
+    assert main(args) == 0
+    meta = json.loads((out / "runs_config.json").read_text())
+    assert meta["kernel_seeding"] == g2.KERNEL_SEEDING
+    meta["kernel_seeding"] = "seed"  # as a record made before the shape entered the seed
+    (out / "runs_config.json").write_text(json.dumps(meta))
+    assert main(args) == 0
+    assert json.loads((out / "guo_2norm.json").read_text())["runs_reused"] == 0

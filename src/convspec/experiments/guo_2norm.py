@@ -38,6 +38,7 @@ import math
 import statistics
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -429,9 +430,26 @@ def descend(
 # The experiment
 
 
+#: How a run's random numbers derive from its seed; part of the config fingerprint, so a record
+#: made with another derivation is not reused.
+KERNEL_SEEDING = "crc32(shape/seed)"
+
+
+def _run_seed(shape: Sequence[int], seed: int) -> int:
+    """The seed of one (shape, seed) pair's random numbers.
+
+    Derived from the shape too, so that no two kernels of a record share their draws: with
+    ``seed`` alone, a ``k x k x g x h`` kernel and its mirror ``k x k x h x g`` drew the same
+    numbers, and since the smaller Gram of the one is that of the other's flipped kernel
+    (:func:`tall_kernel`), they were one problem counted twice.
+    """
+    return zlib.crc32(f"{_shape_name(shape)}/{seed}".encode())
+
+
 def _initial_kernel(shape: Sequence[int], init: str, seed: int) -> torch.Tensor:
-    """The same kernel for both methods: ``random_kernel`` of Figure 4.1 from ``seed``."""
-    return random_kernel(shape, init, torch.Generator().manual_seed(seed))
+    """The same kernel for both methods: ``random_kernel`` of Figure 4.1, drawn from
+    :func:`_run_seed` of ``(shape, seed)``."""
+    return random_kernel(shape, init, torch.Generator().manual_seed(_run_seed(shape, seed)))
 
 
 def _violation(sigma_max: Optional[float], sigma_min: Optional[float], cfg: Guo2NormConfig) -> float:
@@ -447,11 +465,12 @@ def one_run(cfg: Guo2NormConfig, phase: str, method: str, rule: str, shape, init
     """One descent of the search (``phase='search'``) or of the evaluation (``'main'``)."""
     res = RunResult(phase, method, rule, list(shape), init, seed)
     weight = tall_kernel(_initial_kernel(shape, init, seed))
-    torch.manual_seed(seed)  # the power-iteration vectors of spectral_penalty
+    torch.manual_seed(_run_seed(shape, seed))  # the power-iteration vectors of spectral_penalty
     tracker = TargetTracker(weight, cfg.size, sigma_max_target=cfg.sigma_max_target,
                             sigma_min_target=cfg.sigma_min_target,
                             iterations=cfg.gate_iterations,
-                            confirm_iterations=cfg.confirm_iterations, seed=seed)
+                            confirm_iterations=cfg.confirm_iterations,
+                            seed=_run_seed(shape, seed))
     main = phase == "main"
     steps = cfg.horizon_of(shape) if main else cfg.search_horizon
     final, res = descend(
@@ -499,6 +518,7 @@ def _config_fingerprint(cfg: Guo2NormConfig) -> dict:
     d = asdict(cfg)
     for name in ("shapes", "inits", "seeds", "rules", "search_seeds"):
         d.pop(name)  # more or fewer runs, not different ones
+    d["kernel_seeding"] = KERNEL_SEEDING
     return d
 
 

@@ -1,6 +1,8 @@
 """Nested-dissection factorisation of the Gram operator (``convspec._nested``), checked against
 the dense Gram in float64, and the iterative spectra when that factorisation is the one used."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,22 @@ def test_estimated_flops_orders_layers_and_report_shows_per_layer_progress(capsy
     assert len(rows) == 2
     err = capsys.readouterr().err
     assert "layer 2/2: 1 (3, 3, 3, 3) at (6, 6)" in err and "Gflop" in err
+
+
+def test_spectrum_report_names_the_layer_in_every_warning(monkeypatch):
+    import convspec.report as report
+
+    real = report.conv_singular_values
+
+    def warns(conv, *a, **k):
+        if conv.out_channels == 4:
+            warnings.warn("the iterative spectrum did not reach tol", UserWarning)
+        return real(conv, *a, **k)
+
+    monkeypatch.setattr(report, "conv_singular_values", warns)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1))
+    with pytest.warns(UserWarning) as rec:
+        rows = spectrum_report(net, torch.randn(1, 2, 6, 6))
+    assert len(rows) == 2
+    msgs = [str(w.message) for w in rec if "did not reach" in str(w.message)]
+    assert msgs == ["layer '2': the iterative spectrum did not reach tol"]

@@ -199,9 +199,17 @@ def spectrum_report(
             small = max(geom1.n_in, geom1.n_out) <= AUTO_DENSE_MAX_N
             cheap = _fft_applicable(gc) is None or small
             which = "all" if keep_values and cheap else "extremes"
-            spec = conv_singular_values(
-                conv, sizes[name], which=which, tol=tol, progress=False if progress else None,
-            )
+            # Re-issued with the layer's name: a warning about "the iterative spectrum" is of
+            # no use in a report of fifty layers unless it says which one.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                spec = conv_singular_values(
+                    conv, sizes[name], which=which, tol=tol,
+                    progress=False if progress else None,
+                )
+            for w_ in caught:
+                warnings.warn_explicit(f"layer {name!r}: {w_.message}", w_.category,
+                                       w_.filename, w_.lineno)
             row.sigma_max, row.sigma_min = spec.sigma_max, spec.sigma_min
             row.method, row.exact, row.n_products = spec.method, spec.exact, spec.n_products
             row.converged = spec.converged

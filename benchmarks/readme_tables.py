@@ -6,7 +6,8 @@ The README holds generated blocks between marker comments, ``<!-- bench:NAME -->
 ``<!-- /bench:NAME -->``: ``results`` (the results table on the first screen), ``penalty``,
 ``spectrum``, ``fft``, ``svb``, ``regularizer`` and ``model_scale`` (the tables of the
 Benchmarks section, one per JSON file), ``jia_fmnist`` (record 2's tables, from
-``records/jia_fmnist/*/summary.*``) and ``norm_layers`` (from
+``records/jia_fmnist/*/summary.*``), ``guo_2norm`` (record 1, from
+``records/guo_2norm/guo_2norm.json``) and ``norm_layers`` (from
 ``records/norm_layers/norm_layers.json``). Without
 ``--check`` the blocks are rewritten in place; with it nothing is written and the exit status is
 1 when the README differs from what the JSON gives (a diff is printed). Prose outside the blocks
@@ -554,10 +555,14 @@ def jia_fmnist_block(records_dir: Path) -> str:
     """Record 2: per model, the table ``convspec compare`` wrote (``summary.md``, from its
     ``summary.json``), or how many of its runs have finished while it is still running."""
     parts = []
-    for model in ("convnet-20", "convnet-38"):
+    # convnet-38-long: the longer-budget check, shown once it has started
+    for model in ("convnet-20", "convnet-38", "convnet-38-long"):
         folder = records_dir / "jia_fmnist" / model
         summary = folder / "summary.json"
-        title = model.replace("convnet", "ConvNet")
+        title = model.replace("convnet", "ConvNet").replace("-long", ", longer budget")
+        if model.endswith("-long") and not (summary.exists()
+                                            or (records_dir / "fmnist_runs" / model).exists()):
+            continue
         if summary.exists():
             data = json.loads(summary.read_text())
             cfg = data["config"]
@@ -602,7 +607,39 @@ def norm_layers_block(records_dir: Path) -> str:
             f"{record['seconds'] / 60:.0f} min.\n" + machine(record["environment"]))
 
 
+def guo_2norm_block(records_dir: Path) -> str:
+    """Record 1 (Guo's Frobenius penalty vs the 2-norm penalty): per kernel and init, from
+    ``records/guo_2norm/guo_2norm.json`` (``convspec reproduce guo-2norm``)."""
+    path = records_dir / "guo_2norm" / "guo_2norm.json"
+    if not path.exists():
+        return ("Not made yet: run `convspec reproduce guo-2norm --out records/guo_2norm`.")
+    record = json.loads(path.read_text())
+
+    def pm(mean, std, digits=1):
+        return "-" if mean is None else f"{mean:.{digits}f} +/- {std:.{digits}f}"
+
+    rows = []
+    for e in record["summary"]:
+        f, s, p = e["methods"]["frobenius"], e["methods"]["spectral"], e["paired"]
+        ratio = ("-" if not p.get("pairs") or p.get("iteration_ratio_mean") is None
+                 else f"{p['iteration_ratio_mean']:.2f} +/- {p['iteration_ratio_std']:.2f}")
+        times = " / ".join("-" if m["time_s_mean"] is None else f"{m['time_s_mean']:.2f}"
+                           for m in (f, s))
+        rows.append([e["shape"], e["init"],
+                     f"{f['reached']}/{f['runs']} / {s['reached']}/{s['runs']}",
+                     pm(f["iterations_mean"], f["iterations_std"]),
+                     pm(s["iterations_mean"], s["iterations_std"]), ratio, times,
+                     f"{f['final_reached']}/{f['runs']} / {s['final_reached']}/{s['runs']}",
+                     f"{f['rule']} / {s['rule']}"])
+    header = ["kernel", "init", "reached: Frobenius / 2-norm", "iterations: Frobenius",
+              "iterations: 2-norm", "ratio", "time to target: Frobenius / 2-norm (s)",
+              "in target at 300: Frobenius / 2-norm", "step rule: Frobenius / 2-norm"]
+    return (table(header, rows) + f"\n\n{record['compute_time_s'] / 60:.0f} min of compute. "
+            + machine(record["environment"]))
+
+
 BLOCKS = {
+    "guo_2norm": lambda records, records_dir: guo_2norm_block(records_dir),
     "jia_fmnist": lambda records, records_dir: jia_fmnist_block(records_dir),
     "norm_layers": lambda records, records_dir: norm_layers_block(records_dir),
     "results": lambda records, records_dir: first_screen_block(records, records_dir),

@@ -278,3 +278,30 @@ def test_low_precision_modules_keep_float32_vectors_and_the_certificate(dtype):
             assert s <= 1.0  # the rounded weight itself, not just the float32 quotient
         else:
             assert abs(s - 1) < 5 * torch.finfo(dtype).eps + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make,size", [
+    (lambda: nn.Linear(5, 9, bias=False), ()),
+    (lambda: nn.Conv1d(2, 4, 3, dilation=2, padding=2, padding_mode="circular"), (10,)),
+    (lambda: nn.ConvTranspose1d(4, 3, 3, stride=3, padding=1, output_padding=2), (7,)),
+])
+def test_certified_margin_is_for_the_weights_dtype(dtype, make, size):
+    """Where the bound is tight (no slack to hide in), the margin must cover rounding the
+    quotient to float16/bfloat16, not just to the float32 it is computed in."""
+    torch.manual_seed(1)
+    m = operator_spectral_norm(make().double(), bound="certified")
+    train(m, size, steps=3)
+    m.to(dtype)
+    m(batch(m, size).to(dtype))
+    m.eval()
+    w = m.weight.detach()
+    assert w.dtype == dtype
+    if isinstance(m, nn.Linear):
+        s = float(torch.linalg.matrix_norm(w.double(), 2))
+    else:
+        ref = copy.deepcopy(m)
+        parametrize.remove_parametrizations(ref, "weight")
+        with torch.no_grad():
+            s = float(torch.linalg.matrix_norm(conv_operator(ref.double(), size), 2))
+    assert s <= 1.0

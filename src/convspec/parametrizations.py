@@ -173,7 +173,8 @@ class _OperatorSpectralNorm(nn.Module):
         with no_autocast(weight.device):
             w = weight.to(self._u.dtype)
             if self.bound == "certified":
-                sigma = _certified_norm(w, geom) * _rounding_margin(w, geom)
+                # the margin is for the dtype the result is rounded to, not the working one
+                sigma = _certified_norm(w, geom) * _rounding_margin(w, geom, weight.dtype)
                 sigma = sigma.to(w.dtype)
             else:
                 if self.training:
@@ -196,16 +197,20 @@ def _certified_norm(w: torch.Tensor, geom: Optional[ConvGeometry]) -> torch.Tens
     return certified_norm_tensor(w, geom)
 
 
-def _rounding_margin(w: torch.Tensor, geom: Optional[ConvGeometry]) -> float:
-    """``1 + 4 eps (|| |M| ||_2 / ||M||_2 bound)``: covers rounding the bound to ``w``'s dtype
-    and each entry of ``w / sigma`` (relative error ``eps / 2`` each, so the computed weight's
-    operator is within ``eps || |M| ||_2 / sigma`` of the exact quotient's)."""
+def _rounding_margin(w: torch.Tensor, geom: Optional[ConvGeometry],
+                     dtype: torch.dtype) -> float:
+    """``1 + 4 eps (|| |M| ||_2 / ||M||_2 bound)``, ``eps`` that of ``dtype`` (the weight's,
+    which the result is rounded to; ``w`` is the float32-or-better working copy): covers rounding
+    the bound to ``w``'s dtype, each entry of ``w / sigma``, and rounding that to ``dtype``
+    (relative error ``eps / 2`` each, so the computed weight's operator is within
+    ``eps || |M| ||_2 / sigma`` of the exact quotient's)."""
     from .spectrum import abs_operator_bound, certified_norm_tensor
 
     with torch.no_grad():
         ratio = abs_operator_bound(w.detach(), geom) / max(
             float(certified_norm_tensor(w.detach(), geom)), 1e-300)
-    return 1 + 4 * torch.finfo(w.dtype).eps * max(1.0, ratio)
+    eps = max(torch.finfo(w.dtype).eps, torch.finfo(dtype).eps)
+    return 1 + 4 * eps * max(1.0, ratio)
 
 
 def _record_input_size(name: str, module: nn.Module, args, kwargs) -> None:

@@ -305,3 +305,24 @@ def test_certified_margin_is_for_the_weights_dtype(dtype, make, size):
         with torch.no_grad():
             s = float(torch.linalg.matrix_norm(conv_operator(ref.double(), size), 2))
     assert s <= 1.0
+
+
+def test_removing_from_a_deepcopy_leaves_the_original_normalised():
+    """parametrize's own deepcopy shares the run-time class between original and copy:
+    removing the parametrization from the copy (exporting an EMA model) deleted the original's
+    ``weight`` property."""
+    torch.manual_seed(9)
+    for name in ("conv1d", "linear"):
+        make, size = LAYERS[name]
+        m = operator_spectral_norm(make().double())
+        x = batch(m, size)
+        m(x)
+        m.eval()
+        ref = m(x)
+        ema = copy.deepcopy(nn.Sequential(m))
+        assert type(ema[0]) is not type(m)
+        parametrize.remove_parametrizations(ema[0], "weight")
+        assert parametrize.is_parametrized(m) and torch.equal(m(x), ref)
+        assert torch.equal(ema[0](x), ref)
+        twice = copy.deepcopy(copy.deepcopy(m))  # a copy of a copy is a parametrized module
+        assert parametrize.is_parametrized(twice) and torch.equal(twice(x), ref)

@@ -11,6 +11,7 @@ provably at most 1-Lipschitz.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Dict, Optional, Tuple
@@ -246,7 +247,10 @@ def _record_input_size(name: str, module: nn.Module, args, kwargs) -> None:
 # "the original class, the names of its parametrized tensors, and its ``__dict__``": unpickling
 # rebuilds an instance of the original class, re-injects the parametrization's class and
 # properties (the same torch functions ``register_parametrization`` uses), then restores the
-# state. ``deepcopy`` keeps using parametrize's own ``__deepcopy__``.
+# state. ``deepcopy`` does the same: parametrize's own ``__deepcopy__`` gives the copy the
+# *same* run-time class, so ``remove_parametrizations`` on a copy (an EMA model being exported)
+# deleted the ``weight`` property of the original's class too, and the original then failed with
+# "has no attribute 'weight'". Each copy gets its own class, as an unpickled module does.
 
 
 def _reduce_parametrized(self, protocol):
@@ -254,12 +258,29 @@ def _reduce_parametrized(self, protocol):
     return _rebuild_parametrized, (base, tuple(self.parametrizations.keys())), self.__dict__
 
 
+def _deepcopy_parametrized(self, memo):
+    replica = memo.get(id(self))
+    if replica is not None:
+        return replica
+    replica = _rebuild_parametrized(type(self).__bases__[0], tuple(self.parametrizations.keys()))
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    return replica
+
+
+def _own_copies(cls: type) -> None:
+    """Note [pickling parametrized modules]: pickling and ``deepcopy`` rebuild the class."""
+    cls.__reduce_ex__ = _reduce_parametrized
+    if "__deepcopy__" in cls.__dict__:  # parametrize's default (the base class has none)
+        cls.__deepcopy__ = _deepcopy_parametrized
+
+
 def _rebuild_parametrized(base: type, names: Tuple[str, ...]) -> nn.Module:
     obj = base.__new__(base)
     parametrize._inject_new_class(obj)
     for name in names:
         parametrize._inject_property(obj, name)
-    type(obj).__reduce_ex__ = _reduce_parametrized
+    _own_copies(type(obj))
     return obj
 
 
@@ -362,7 +383,7 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
     if size is not None:
         p._retarget(size, weight.detach())
     parametrize.register_parametrization(module, name, p, unsafe=True)
-    type(module).__reduce_ex__ = _reduce_parametrized  # Note [pickling parametrized modules]
+    _own_copies(type(module))  # Note [pickling parametrized modules]
     if conv:
         module.register_forward_pre_hook(functools.partial(_record_input_size, name),
                                          with_kwargs=True)

@@ -326,3 +326,24 @@ def test_removing_from_a_deepcopy_leaves_the_original_normalised():
         assert torch.equal(ema[0](x), ref)
         twice = copy.deepcopy(copy.deepcopy(m))  # a copy of a copy is a parametrized module
         assert parametrize.is_parametrized(twice) and torch.equal(twice(x), ref)
+
+
+def test_tensors_and_sizes_that_are_not_the_layers_raise_and_change_nothing():
+    for module, kwargs, match in [
+        (nn.Conv2d(3, 4, 3), dict(name="bias"), "not that of the layer's weight"),
+        (nn.Linear(3, 4), dict(name="bias"), "not that of the layer's weight"),
+        (nn.Linear(3, 4), dict(input_size=0), "nn.Linear has none"),
+        (nn.Linear(3, 4), dict(input_size=(5,)), "nn.Linear has none"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            operator_spectral_norm(module, **kwargs)
+        assert not parametrize.is_parametrized(module) and not module._forward_pre_hooks
+    # a first forward at a size the layer cannot take records nothing: a later one (eval
+    # included) at a good size is recorded
+    m = operator_spectral_norm(nn.Conv2d(3, 4, 5))
+    with pytest.raises(ValueError, match="too small"):
+        m(torch.randn(1, 3, 3, 3))
+    assert m.parametrizations.weight[0]._size is None
+    m.eval()
+    assert m(torch.randn(1, 3, 8, 8)).shape == (1, 4, 4, 4)
+    assert m.parametrizations.weight[0]._size == (8, 8)

@@ -61,13 +61,16 @@ class _OperatorSpectralNorm(nn.Module):
 
     # -- geometry and the operator -------------------------------------------------------
 
-    def _geometry(self, weight: torch.Tensor) -> Optional[ConvGeometry]:
+    def _geometry(self, weight: torch.Tensor,
+                  size: Optional[Tuple[int, ...]] = None) -> Optional[ConvGeometry]:
+        """The layer's geometry at ``size`` (default: the current one); raises for a bad size."""
         if self.keywords is None:
             return None
-        key = (self._size, tuple(weight.shape))
+        size = self._size if size is None else size
+        key = (size, tuple(weight.shape))
         geom = self._geoms.get(key)
         if geom is None:
-            geom = self._geoms[key] = conv_geometry(weight, self._size, **self.keywords)
+            geom = self._geoms[key] = conv_geometry(weight, size, **self.keywords)
         return geom
 
     def _apply_m(self, x: torch.Tensor, w: torch.Tensor, geom) -> torch.Tensor:
@@ -122,14 +125,15 @@ class _OperatorSpectralNorm(nn.Module):
     @torch.no_grad()
     def _retarget(self, size: Tuple[int, ...], weight: torch.Tensor) -> None:
         """Vectors for input ``size`` (random, then ``INIT_ITERATIONS`` power steps)."""
-        self._size = tuple(int(n) for n in size)
+        size = tuple(int(n) for n in size)
         w = weight.detach().to(self._u.dtype)
         if self.keywords is None:
             in_shape, out_shape = (w.shape[1],), (w.shape[0],)
         else:
-            geom = self._geometry(weight)
+            geom = self._geometry(weight, size)  # a size the layer cannot take: nothing changed
             in_shape = (geom.layer_in_channels, *geom.layer_input_size)
             out_shape = (geom.layer_out_channels, *geom.layer_output_size)
+        self._size = size
         self.input_size.resize_(len(self._size)).copy_(torch.tensor(self._size))
         # a fixed generator: registering or re-targeting does not draw from the global RNG
         gen = torch.Generator().manual_seed(0)
@@ -284,6 +288,13 @@ def _rebuild_parametrized(base: type, names: Tuple[str, ...]) -> nn.Module:
     return obj
 
 
+def _original(module: nn.Module, name: str):
+    """``module.<name>``, or what its parametrizations start from (without evaluating them)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name, None)
+
+
 def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
                            input_size=None, n_power_iterations: int = 1, eps: float = 1e-12,
                            bound: str = "estimate") -> nn.Module:
@@ -314,11 +325,11 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
     odd strides, where the bound counts copied rows; it costs a batch of small matrix
     products over the frequencies per forward.
 
-    Input size: ``input_size`` (spatial, an int or one per axis), or recorded by the first
-    forward pass (a forward pre-hook). In training mode a layer seen at a new size
-    *re-targets*: its vectors are reinitialised for that size (from a fixed seed, then
-    ``INIT_ITERATIONS`` steps), so the weight is normalised for the size it is trained at; in
-    eval mode it is not (no power step runs in eval, and the weight stays normalised for the
+    Input size (convolutions; ``nn.Linear`` takes none): ``input_size`` (spatial, an int or one
+    per axis), or recorded by the first forward pass (a forward pre-hook). In training mode a
+    layer seen at a new size *re-targets*: its vectors are reinitialised for that size (from a
+    fixed seed, then ``INIT_ITERATIONS`` steps), so the weight is normalised for the size it is
+    trained at; in eval mode it is not (no power step runs in eval, and the weight stays normalised for the
     last training size: the norm of a zero-padded operator changes slightly with the size).
     Until a size is known, reading ``module.weight`` raises. The computation runs in float32
     or better with autocast off (the vectors stay float32 when the module is cast to
@@ -351,14 +362,18 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
             f"nn.Linear, got {type(module).__name__}")
     if not isinstance(name, str):
         raise ValueError(f"name must be a str, got {type(name).__name__}")
-    if parametrize.is_parametrized(module, name):
-        if any(isinstance(p, _OperatorSpectralNorm) for p in module.parametrizations[name]):
-            raise ValueError(f"{name!r} of this {type(module).__name__} is already normalised")
-        weight = module.parametrizations[name].original  # for validation (shape, dtype)
-    else:
-        weight = getattr(module, name, None)
+    if parametrize.is_parametrized(module, name) and any(
+            isinstance(p, _OperatorSpectralNorm) for p in module.parametrizations[name]):
+        raise ValueError(f"{name!r} of this {type(module).__name__} is already normalised")
+    weight = _original(module, name)  # for validation (shape, dtype)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor {name!r}")
+    kernel = _original(module, "weight")
+    if name != "weight" and (not isinstance(kernel, torch.Tensor) or weight.shape != kernel.shape):
+        raise ValueError(
+            f"{name!r} of this {type(module).__name__} has shape {tuple(weight.shape)}, not that "
+            "of the layer's weight: the operator normalised is the layer's with this tensor as "
+            "its weight")
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"{type(module).__name__} is an uninitialised lazy module: run one "
                          "forward pass first")
@@ -374,6 +389,9 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
         raise ValueError(f"{name!r} has NaN or infinite entries")
     ndim = weight.dim() - 2 if conv else 0
     keywords = module_keywords(module) if conv else None
+    if not conv and input_size is not None and input_size != ():
+        raise ValueError(f"input_size is for convolutions (spatial sizes); nn.Linear has none, got "
+                         f"{input_size!r}")
     size = None
     if conv and input_size is not None:
         # Validates the size against the layer (raises before anything is registered).

@@ -329,8 +329,9 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
     per axis), or recorded by the first forward pass (a forward pre-hook). In training mode a
     layer seen at a new size *re-targets*: its vectors are reinitialised for that size (from a
     fixed seed, then ``INIT_ITERATIONS`` steps), so the weight is normalised for the size it is
-    trained at; in eval mode it is not (no power step runs in eval, and the weight stays normalised for the
-    last training size: the norm of a zero-padded operator changes slightly with the size).
+    trained at; in eval mode it is not (no power step runs in eval, and the weight stays
+    normalised for the last training size: the norm of a zero-padded operator changes slightly
+    with the size).
     Until a size is known, reading ``module.weight`` raises. The computation runs in float32
     or better with autocast off (the vectors stay float32 when the module is cast to
     float16/bfloat16), and the result is cast back to the weight's dtype; it works under

@@ -156,10 +156,18 @@ class _Pattern(nn.Module):
             return self.conv(self.down(torch.cat([x] * 4, dim=2).repeat(1, 1, 1, 4)))
         if k == "eval branch":
             return x * 10 if not self.training else x
+        if k == "chunk":  # tuples of tensors: each piece must carry a bound
+            a, b = x.chunk(2, 1)
+            return x + torch.cat([a, b], 1) * 10
+        if k == "split":
+            return x + 10 * torch.split(x, 1, dim=1)[0]
+        if k == "unbind":
+            return x + 10 * torch.stack(x.unbind(1), 1)
         raise AssertionError(k)
 
 
-@pytest.mark.parametrize("kind", ["broadcast", "alpha", "data", "two outputs", "eval branch"])
+@pytest.mark.parametrize("kind", ["broadcast", "alpha", "data", "two outputs", "eval branch",
+                                  "chunk", "split", "unbind"])
 def test_bound_holds_on_tricky_graphs(kind):
     """Patterns where a naive propagation reports less than the true constant."""
     torch.manual_seed(0)
@@ -182,6 +190,12 @@ def test_bound_holds_on_tricky_graphs(kind):
     (nn.Hardshrink(), lambda m, x: m(x), "Hardshrink"),  # discontinuous: no constant
     (nn.Identity(), lambda m, x: x[:, [0, 0, 0]], "indexing"),  # repeats a value
     (nn.ELU(alpha=3.0, inplace=True), lambda m, x: m(x) + x, "in-place"),
+    # the in-place activation writes into x through a view: x + elu(x) becomes 2 elu(x)
+    (nn.ELU(alpha=3.0, inplace=True), lambda m, x: x + m(x.view(-1)).view_as(x), "in-place"),
+    # a module that returns a tuple: its values must not be dropped from the sum
+    (nn.MaxPool2d(2, return_indices=True), lambda m, x: x[:, :, :2, :2] + 10 * m(x)[0],
+     "MaxPool2d"),
+    (nn.Identity(), lambda m, x: x + m(x).max().item(), "item"),  # a number from the input
 ])
 def test_unsound_patterns_are_refused(module, forward, why):
     class Net(nn.Module):
@@ -214,3 +228,4 @@ def test_a_module_applied_at_two_sizes_is_bounded_at_each():
     assert sizes == [(1, 1), (16, 16)]
     big = next(r for r in rep.layers if r.input_size == (16, 16))
     assert big.sigma_max == pytest.approx(dense_norm(conv, 16), rel=1e-6)
+

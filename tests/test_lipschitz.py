@@ -229,3 +229,16 @@ def test_a_module_applied_at_two_sizes_is_bounded_at_each():
     big = next(r for r in rep.layers if r.input_size == (16, 16))
     assert big.sigma_max == pytest.approx(dense_norm(conv, 16), rel=1e-6)
 
+
+def test_activation_constants_bound_the_derivative():
+    from convspec.lipschitz import _ACTIVATIONS, _FUNCTIONS
+
+    x = torch.linspace(-12, 12, 480001, dtype=torch.float64, requires_grad=True)
+    fns = [(cls.__name__, cls().eval(), lip) for cls, lip in _ACTIVATIONS.items()
+           if cls not in (nn.Flatten, nn.Unflatten)]  # rearrangements, not elementwise
+    fns += [(f.__name__, f, lip) for f, lip in _FUNCTIONS.items()]
+    for name, f, lip in fns:
+        y = f(x)
+        g, = torch.autograd.grad(y.sum(), x)
+        # 1e-7: Hardsigmoid's backward multiplies by 1/6 rounded to float32
+        assert float(g.abs().max()) <= lip * (1 + 1e-7), name

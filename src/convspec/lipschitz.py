@@ -39,12 +39,12 @@ from .spectrum import conv_singular_values, conv_spectral_norm_bound
 _ACTIVATIONS = {
     nn.ReLU: 1.0, nn.ReLU6: 1.0, nn.Tanh: 1.0, nn.Hardtanh: 1.0, nn.Softsign: 1.0,
     nn.Sigmoid: 0.25, nn.Softplus: 1.0, nn.Identity: 1.0, nn.Dropout: 1.0, nn.Flatten: 1.0,
-    nn.Unflatten: 1.0, nn.Mish: 1.089, nn.SiLU: 1.0998, nn.GELU: 1.1290, nn.Hardswish: 1.5,
+    nn.Unflatten: 1.0, nn.Mish: 1.089, nn.SiLU: 1.0999, nn.GELU: 1.1290, nn.Hardswish: 1.5,
     nn.Hardsigmoid: 1 / 6, nn.Tanhshrink: 1.0, nn.Softshrink: 1.0,
 }
 _FUNCTIONS = {
     torch.relu: 1.0, F.relu: 1.0, torch.tanh: 1.0, torch.sigmoid: 0.25, F.relu6: 1.0,
-    F.gelu: 1.1290, F.silu: 1.0998,
+    F.gelu: 1.1290, F.silu: 1.0999,
 }
 #: Shape-only operations: the values are a subset or rearrangement, ``L`` is unchanged.
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,

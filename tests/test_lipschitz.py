@@ -156,6 +156,8 @@ class _Pattern(nn.Module):
             return self.conv(self.down(torch.cat([x] * 4, dim=2).repeat(1, 1, 1, 4)))
         if k == "eval branch":
             return x * 10 if not self.training else x
+        if k == "alpha on the input":  # the constant is the first operand: alpha scales x
+            return torch.sub(self.fc.weight.sum().detach(), x, alpha=10)
         if k == "chunk":  # tuples of tensors: each piece must carry a bound
             a, b = x.chunk(2, 1)
             return x + torch.cat([a, b], 1) * 10
@@ -167,7 +169,7 @@ class _Pattern(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["broadcast", "alpha", "data", "two outputs", "eval branch",
-                                  "chunk", "split", "unbind"])
+                                  "alpha on the input", "chunk", "split", "unbind"])
 def test_bound_holds_on_tricky_graphs(kind):
     """Patterns where a naive propagation reports less than the true constant."""
     torch.manual_seed(0)

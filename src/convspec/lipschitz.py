@@ -351,10 +351,10 @@ def _propagate(graph: fx.Graph, modules, tol) -> LipschitzReport:
                 refuse(node, f"{getattr(target, '__name__', target)} with {sorted(node.kwargs)}")
                 continue
             alpha = abs(float(node.kwargs.get("alpha", 1.0)))
-            terms = [a for a in _flat(node.args) if isinstance(a, fx.Node) and a in lip]
             total = 0.0
-            for i, a in enumerate(terms):
-                total += (alpha if i == 1 else 1.0) * spread(a) * lip[a]
+            for i, a in enumerate(node.args):  # alpha scales the second operand, ``other``
+                if isinstance(a, fx.Node) and a in lip:
+                    total += (alpha if i == 1 else 1.0) * spread(a) * lip[a]
             lip[node] = total
         elif node.op == "call_function" and target in (torch.cat, torch.stack):
             lip[node] = math.sqrt(sum(lip[a] ** 2 for a in ins))

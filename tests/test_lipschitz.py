@@ -244,3 +244,19 @@ def test_activation_constants_bound_the_derivative():
         g, = torch.autograd.grad(y.sum(), x)
         # 1e-7: Hardsigmoid's backward multiplies by 1/6 rounded to float32
         assert float(g.abs().max()) <= lip * (1 + 1e-7), name
+
+
+@pytest.mark.parametrize("junk", [b"junk", b"", b"not a checkpoint"])
+def test_cli_on_a_checkpoint_and_on_files_that_are_not_one(tmp_path, capsys, junk):
+    from convspec.train.models import build_model
+
+    torch.manual_seed(3)
+    model = build_model("convnet-8", num_classes=10, in_channels=1)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": "convnet-8"}}, ckpt)
+    assert main(["lipschitz", str(ckpt), "--input-size", "1", "6", "6"]) == 0
+    assert "network Lipschitz constant <=" in capsys.readouterr().out
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(junk)  # b"junk": a legacy opcode cut off (struct.error, was a traceback)
+    assert main(["lipschitz", str(bad), "--input-size", "1", "6", "6"]) == 1
+    assert "not a readable checkpoint" in capsys.readouterr().err

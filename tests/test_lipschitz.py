@@ -88,6 +88,9 @@ def test_residual_blocks_batchnorm_and_activations():
     expected = b["0"] * b["1"] * b["2"] * (1 + inner) * b["4"] * b["6"]
     assert rep.bound == pytest.approx(expected, rel=1e-12)
     assert net.training  # the training flag is restored
+    net[1].eval()  # a frozen BatchNorm in a training model stays frozen
+    lipschitz_report(net, x)
+    assert net.training and not net[1].training and net[0].training
     net.eval()
     y = torch.randn_like(x)
     with torch.no_grad():  # and it is a bound

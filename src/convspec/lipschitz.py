@@ -182,9 +182,9 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
                      tol: float = 1e-6) -> LipschitzReport:
     """Exact per-layer operator norms of ``model`` and an upper bound on its Lipschitz constant.
 
-    The model is run once on ``example_input`` (eval mode, no gradient; its training flag is
-    restored) to record the size each module sees, and traced with ``torch.fx``. Per module:
-    for every ``nn.Conv*d`` / ``nn.ConvTranspose*d`` the exact ``sigma_max`` of its operator
+    The model is run once on ``example_input`` (eval mode, no gradient; each module's training
+    flag is restored) to record the size each module sees, and traced with ``torch.fx``. Per
+    module: for every ``nn.Conv*d`` / ``nn.ConvTranspose*d`` the exact ``sigma_max`` of its operator
     ``M`` at that input size (its own stride, padding, dilation, groups, padding mode;
     :func:`convspec.conv_singular_values` with ``which='max'``, within relative ``tol``) and,
     as its bound, ``sigma_max`` plus its error bound; ``nn.Linear``: the matrix 2-norm;
@@ -215,7 +215,8 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(f"example_input must be a tensor, got {type(example_input).__name__}")
     modules = dict(model.named_modules())
-    was_training = model.training
+    # each module's own flag: model.train(flag) would unfreeze a BatchNorm kept in eval mode
+    was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()  # the map the model computes at inference (and what the trace follows)
         try:
@@ -229,7 +230,8 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
             ShapeProp(gm).propagate(example_input)  # each node's shape: sizes, broadcasting
         return _propagate(gm.graph, modules, tol)
     finally:
-        model.train(was_training)
+        for m, flag in was_training.items():
+            m.training = flag
 
 
 def _shape(node) -> Optional[Tuple[int, ...]]:

@@ -88,6 +88,9 @@ def test_residual_blocks_batchnorm_and_activations():
     expected = b["0"] * b["1"] * b["2"] * (1 + inner) * b["4"] * b["6"]
     assert rep.bound == pytest.approx(expected, rel=1e-12)
     assert net.training  # the training flag is restored
+    net[1].eval()  # a frozen BatchNorm in a training model stays frozen
+    lipschitz_report(net, x)
+    assert net.training and not net[1].training and net[0].training
     net.eval()
     y = torch.randn_like(x)
     with torch.no_grad():  # and it is a bound
@@ -156,10 +159,20 @@ class _Pattern(nn.Module):
             return self.conv(self.down(torch.cat([x] * 4, dim=2).repeat(1, 1, 1, 4)))
         if k == "eval branch":
             return x * 10 if not self.training else x
+        if k == "alpha on the input":  # the constant is the first operand: alpha scales x
+            return torch.sub(self.fc.weight.sum().detach(), x, alpha=10)
+        if k == "chunk":  # tuples of tensors: each piece must carry a bound
+            a, b = x.chunk(2, 1)
+            return x + torch.cat([a, b], 1) * 10
+        if k == "split":
+            return x + 10 * torch.split(x, 1, dim=1)[0]
+        if k == "unbind":
+            return x + 10 * torch.stack(x.unbind(1), 1)
         raise AssertionError(k)
 
 
-@pytest.mark.parametrize("kind", ["broadcast", "alpha", "data", "two outputs", "eval branch"])
+@pytest.mark.parametrize("kind", ["broadcast", "alpha", "data", "two outputs", "eval branch",
+                                  "alpha on the input", "chunk", "split", "unbind"])
 def test_bound_holds_on_tricky_graphs(kind):
     """Patterns where a naive propagation reports less than the true constant."""
     torch.manual_seed(0)
@@ -182,6 +195,12 @@ def test_bound_holds_on_tricky_graphs(kind):
     (nn.Hardshrink(), lambda m, x: m(x), "Hardshrink"),  # discontinuous: no constant
     (nn.Identity(), lambda m, x: x[:, [0, 0, 0]], "indexing"),  # repeats a value
     (nn.ELU(alpha=3.0, inplace=True), lambda m, x: m(x) + x, "in-place"),
+    # the in-place activation writes into x through a view: x + elu(x) becomes 2 elu(x)
+    (nn.ELU(alpha=3.0, inplace=True), lambda m, x: x + m(x.view(-1)).view_as(x), "in-place"),
+    # a module that returns a tuple: its values must not be dropped from the sum
+    (nn.MaxPool2d(2, return_indices=True), lambda m, x: x[:, :, :2, :2] + 10 * m(x)[0],
+     "MaxPool2d"),
+    (nn.Identity(), lambda m, x: x + m(x).max().item(), "item"),  # a number from the input
 ])
 def test_unsound_patterns_are_refused(module, forward, why):
     class Net(nn.Module):
@@ -214,3 +233,33 @@ def test_a_module_applied_at_two_sizes_is_bounded_at_each():
     assert sizes == [(1, 1), (16, 16)]
     big = next(r for r in rep.layers if r.input_size == (16, 16))
     assert big.sigma_max == pytest.approx(dense_norm(conv, 16), rel=1e-6)
+
+
+def test_activation_constants_bound_the_derivative():
+    from convspec.lipschitz import _ACTIVATIONS, _FUNCTIONS
+
+    x = torch.linspace(-12, 12, 480001, dtype=torch.float64, requires_grad=True)
+    fns = [(cls.__name__, cls().eval(), lip) for cls, lip in _ACTIVATIONS.items()
+           if cls not in (nn.Flatten, nn.Unflatten)]  # rearrangements, not elementwise
+    fns += [(f.__name__, f, lip) for f, lip in _FUNCTIONS.items()]
+    for name, f, lip in fns:
+        y = f(x)
+        g, = torch.autograd.grad(y.sum(), x)
+        # 1e-7: Hardsigmoid's backward multiplies by 1/6 rounded to float32
+        assert float(g.abs().max()) <= lip * (1 + 1e-7), name
+
+
+@pytest.mark.parametrize("junk", [b"junk", b"", b"not a checkpoint"])
+def test_cli_on_a_checkpoint_and_on_files_that_are_not_one(tmp_path, capsys, junk):
+    from convspec.train.models import build_model
+
+    torch.manual_seed(3)
+    model = build_model("convnet-8", num_classes=10, in_channels=1)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": "convnet-8"}}, ckpt)
+    assert main(["lipschitz", str(ckpt), "--input-size", "1", "6", "6"]) == 0
+    assert "network Lipschitz constant <=" in capsys.readouterr().out
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(junk)  # b"junk": a legacy opcode cut off (struct.error, was a traceback)
+    assert main(["lipschitz", str(bad), "--input-size", "1", "6", "6"]) == 1
+    assert "not a readable checkpoint" in capsys.readouterr().err

@@ -278,3 +278,72 @@ def test_low_precision_modules_keep_float32_vectors_and_the_certificate(dtype):
             assert s <= 1.0  # the rounded weight itself, not just the float32 quotient
         else:
             assert abs(s - 1) < 5 * torch.finfo(dtype).eps + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make,size", [
+    (lambda: nn.Linear(5, 9, bias=False), ()),
+    (lambda: nn.Conv1d(2, 4, 3, dilation=2, padding=2, padding_mode="circular"), (10,)),
+    (lambda: nn.ConvTranspose1d(4, 3, 3, stride=3, padding=1, output_padding=2), (7,)),
+])
+def test_certified_margin_is_for_the_weights_dtype(dtype, make, size):
+    """Where the bound is tight (no slack to hide in), the margin must cover rounding the
+    quotient to float16/bfloat16, not just to the float32 it is computed in."""
+    torch.manual_seed(1)
+    m = operator_spectral_norm(make().double(), bound="certified")
+    train(m, size, steps=3)
+    m.to(dtype)
+    m(batch(m, size).to(dtype))
+    m.eval()
+    w = m.weight.detach()
+    assert w.dtype == dtype
+    if isinstance(m, nn.Linear):
+        s = float(torch.linalg.matrix_norm(w.double(), 2))
+    else:
+        ref = copy.deepcopy(m)
+        parametrize.remove_parametrizations(ref, "weight")
+        with torch.no_grad():
+            s = float(torch.linalg.matrix_norm(conv_operator(ref.double(), size), 2))
+    assert s <= 1.0
+
+
+def test_removing_from_a_deepcopy_leaves_the_original_normalised():
+    """parametrize's own deepcopy shares the run-time class between original and copy:
+    removing the parametrization from the copy (exporting an EMA model) deleted the original's
+    ``weight`` property."""
+    torch.manual_seed(9)
+    for name in ("conv1d", "linear"):
+        make, size = LAYERS[name]
+        m = operator_spectral_norm(make().double())
+        x = batch(m, size)
+        m(x)
+        m.eval()
+        ref = m(x)
+        ema = copy.deepcopy(nn.Sequential(m))
+        assert type(ema[0]) is not type(m)
+        parametrize.remove_parametrizations(ema[0], "weight")
+        assert parametrize.is_parametrized(m) and torch.equal(m(x), ref)
+        assert torch.equal(ema[0](x), ref)
+        twice = copy.deepcopy(copy.deepcopy(m))  # a copy of a copy is a parametrized module
+        assert parametrize.is_parametrized(twice) and torch.equal(twice(x), ref)
+
+
+def test_tensors_and_sizes_that_are_not_the_layers_raise_and_change_nothing():
+    for module, kwargs, match in [
+        (nn.Conv2d(3, 4, 3), dict(name="bias"), "not that of the layer's weight"),
+        (nn.Linear(3, 4), dict(name="bias"), "not that of the layer's weight"),
+        (nn.Linear(3, 4), dict(input_size=0), "nn.Linear has none"),
+        (nn.Linear(3, 4), dict(input_size=(5,)), "nn.Linear has none"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            operator_spectral_norm(module, **kwargs)
+        assert not parametrize.is_parametrized(module) and not module._forward_pre_hooks
+    # a first forward at a size the layer cannot take records nothing: a later one (eval
+    # included) at a good size is recorded
+    m = operator_spectral_norm(nn.Conv2d(3, 4, 5))
+    with pytest.raises(ValueError, match="too small"):
+        m(torch.randn(1, 3, 3, 3))
+    assert m.parametrizations.weight[0]._size is None
+    m.eval()
+    assert m(torch.randn(1, 3, 8, 8)).shape == (1, 4, 4, 4)
+    assert m.parametrizations.weight[0]._size == (8, 8)

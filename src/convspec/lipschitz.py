@@ -39,18 +39,26 @@ from .spectrum import conv_singular_values, conv_spectral_norm_bound
 _ACTIVATIONS = {
     nn.ReLU: 1.0, nn.ReLU6: 1.0, nn.Tanh: 1.0, nn.Hardtanh: 1.0, nn.Softsign: 1.0,
     nn.Sigmoid: 0.25, nn.Softplus: 1.0, nn.Identity: 1.0, nn.Dropout: 1.0, nn.Flatten: 1.0,
-    nn.Unflatten: 1.0, nn.Mish: 1.089, nn.SiLU: 1.0998, nn.GELU: 1.1290, nn.Hardswish: 1.5,
+    nn.Unflatten: 1.0, nn.Mish: 1.089, nn.SiLU: 1.0999, nn.GELU: 1.1290, nn.Hardswish: 1.5,
     nn.Hardsigmoid: 1 / 6, nn.Tanhshrink: 1.0, nn.Softshrink: 1.0,
 }
 _FUNCTIONS = {
     torch.relu: 1.0, F.relu: 1.0, torch.tanh: 1.0, torch.sigmoid: 0.25, F.relu6: 1.0,
-    F.gelu: 1.1290, F.silu: 1.0998,
+    F.gelu: 1.1290, F.silu: 1.0999,
 }
 #: Shape-only operations: the values are a subset or rearrangement, ``L`` is unchanged.
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                     torch.unsqueeze, torch.narrow}
 _SHAPE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
                   "contiguous", "narrow", "clone", "detach"}
+#: Operations that split a tensor into a tuple of disjoint pieces: the tuple keeps ``L``.
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split, torch.hsplit,
+                    torch.vsplit, torch.dsplit}
+_SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit",
+                  "split_with_sizes"}
+#: Queries whose value depends on the input's shape only (constants of the traced map).
+_SHAPE_QUERIES = {"shape", "dtype", "device", "ndim", "size", "dim", "numel", "ndimension",
+                  "nelement", "get_device", "is_contiguous", "is_floating_point"}
 
 
 @dataclass
@@ -174,9 +182,9 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
                      tol: float = 1e-6) -> LipschitzReport:
     """Exact per-layer operator norms of ``model`` and an upper bound on its Lipschitz constant.
 
-    The model is run once on ``example_input`` (eval mode, no gradient; its training flag is
-    restored) to record the size each module sees, and traced with ``torch.fx``. Per module:
-    for every ``nn.Conv*d`` / ``nn.ConvTranspose*d`` the exact ``sigma_max`` of its operator
+    The model is run once on ``example_input`` (eval mode, no gradient; each module's training
+    flag is restored) to record the size each module sees, and traced with ``torch.fx``. Per
+    module: for every ``nn.Conv*d`` / ``nn.ConvTranspose*d`` the exact ``sigma_max`` of its operator
     ``M`` at that input size (its own stride, padding, dilation, groups, padding mode;
     :func:`convspec.conv_singular_values` with ``which='max'``, within relative ``tol``) and,
     as its bound, ``sigma_max`` plus its error bound; ``nn.Linear``: the matrix 2-norm;
@@ -207,7 +215,8 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(f"example_input must be a tensor, got {type(example_input).__name__}")
     modules = dict(model.named_modules())
-    was_training = model.training
+    # each module's own flag: model.train(flag) would unfreeze a BatchNorm kept in eval mode
+    was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()  # the map the model computes at inference (and what the trace follows)
         try:
@@ -221,7 +230,8 @@ def lipschitz_report(model: nn.Module, example_input: torch.Tensor, *,
             ShapeProp(gm).propagate(example_input)  # each node's shape: sizes, broadcasting
         return _propagate(gm.graph, modules, tol)
     finally:
-        model.train(was_training)
+        for m, flag in was_training.items():
+            m.training = flag
 
 
 def _shape(node) -> Optional[Tuple[int, ...]]:
@@ -239,6 +249,32 @@ def _basic_index(index) -> bool:
 
 
 _VIEW_ATTRIBUTES = {"data", "T", "mT", "H", "mH"}
+
+
+def _shape_query(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size(1)``, ...: a value that does not change with the input's values."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_QUERIES
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_QUERIES
+
+
+def _view_of(node: fx.Node, modules) -> Optional[fx.Node]:
+    """The node whose tensor ``node``'s value may share memory with (a view of it, or the same
+    tensor modified in place), else ``None``."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        aliasing = bool(getattr(m, "inplace", False)) or isinstance(
+            m, (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd))
+    elif node.op == "call_method":
+        aliasing = (node.target in (_SHAPE_METHODS - {"clone"}) | _SPLIT_METHODS
+                    | {"view_as", "reshape_as"} or _in_place(node, modules))
+    elif node.op == "call_function":
+        aliasing = (node.target in _SHAPE_FUNCTIONS | _SPLIT_FUNCTIONS
+                    or node.target in (operator.getitem, getattr) or _in_place(node, modules))
+    else:
+        aliasing = False
+    src = node.args[0] if node.args else None
+    return src if aliasing and isinstance(src, fx.Node) else None
 
 
 def _in_place(node: fx.Node, modules) -> bool:
@@ -272,11 +308,22 @@ def _propagate(graph: fx.Graph, modules, tol) -> LipschitzReport:
         if node.op in ("get_attr", "output"):
             continue
         ins = tensors((node.args, node.kwargs))
-        if not ins or _shape(node) is None:
-            continue  # a constant, or not a tensor (a size)
+        if not ins or _shape_query(node):
+            continue  # a constant, or a size: neither changes with the input's values
         first = lip[ins[0]]
-        if _in_place(node, modules) and len(ins[0].users) > 1:
+        if _in_place(node, modules) and _shared(ins[0], modules):
             refuse(node, "an in-place operation on a tensor that is used elsewhere")
+            continue
+        if _shape(node) is None:
+            # Note [values that are not one tensor]: a value computed from the input (a tuple
+            # of tensors, a Python number) must carry a bound, or every sum that reads it would
+            # silently drop a term. Splits into disjoint pieces keep L; the rest is refused.
+            if "tensor_meta" in node.meta and len(ins) == 1 and (
+                    node.op == "call_function" and node.target in _SPLIT_FUNCTIONS
+                    or node.op == "call_method" and node.target in _SPLIT_METHODS):
+                lip[node] = first
+            else:
+                refuse(node, f"{node.op} {_what(node, modules)} gives no single tensor")
             continue
         out_numel = math.prod(_shape(node))
 
@@ -306,10 +353,10 @@ def _propagate(graph: fx.Graph, modules, tol) -> LipschitzReport:
                 refuse(node, f"{getattr(target, '__name__', target)} with {sorted(node.kwargs)}")
                 continue
             alpha = abs(float(node.kwargs.get("alpha", 1.0)))
-            terms = [a for a in _flat(node.args) if isinstance(a, fx.Node) and a in lip]
             total = 0.0
-            for i, a in enumerate(terms):
-                total += (alpha if i == 1 else 1.0) * spread(a) * lip[a]
+            for i, a in enumerate(node.args):  # alpha scales the second operand, ``other``
+                if isinstance(a, fx.Node) and a in lip:
+                    total += (alpha if i == 1 else 1.0) * spread(a) * lip[a]
             lip[node] = total
         elif node.op == "call_function" and target in (torch.cat, torch.stack):
             lip[node] = math.sqrt(sum(lip[a] ** 2 for a in ins))
@@ -335,17 +382,33 @@ def _propagate(graph: fx.Graph, modules, tol) -> LipschitzReport:
               or node.op == "call_method" and target in _SHAPE_METHODS) and len(ins) == 1:
             lip[node] = first
         elif node.op == "call_method" and target in ("view_as", "reshape_as"):
-            lip[node] = lip[node.args[0]]  # the other tensor gives only a shape
+            if node.args[0] in lip:  # else a constant; the other tensor gives only a shape
+                lip[node] = lip[node.args[0]]
         elif node.op == "call_method" and target in ("relu", "tanh") and len(ins) == 1:
             lip[node] = first
         else:
-            what = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-            refuse(node, f"{node.op} {what}")
+            refuse(node, f"{node.op} {_what(node, modules)}")
     outs = [n for n in _flat([node.args for node in graph.nodes if node.op == "output"])
             if isinstance(n, fx.Node) and n in lip]
     # several outputs are one vector: the concatenation's bound
     bound = math.sqrt(sum(lip[n] ** 2 for n in outs)) if outs and not unsupported else None
     return LipschitzReport(layers, bound, unsupported)
+
+
+def _shared(node: fx.Node, modules) -> bool:
+    """Whether the tensor of ``node``, or one it is a view of, is also read elsewhere."""
+    while node is not None:
+        if len(node.users) > 1:
+            return True
+        node = _view_of(node, modules)
+    return False
+
+
+def _what(node: fx.Node, modules) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _flat(x) -> list:

@@ -11,6 +11,7 @@ provably at most 1-Lipschitz.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Dict, Optional, Tuple
@@ -60,13 +61,16 @@ class _OperatorSpectralNorm(nn.Module):
 
     # -- geometry and the operator -------------------------------------------------------
 
-    def _geometry(self, weight: torch.Tensor) -> Optional[ConvGeometry]:
+    def _geometry(self, weight: torch.Tensor,
+                  size: Optional[Tuple[int, ...]] = None) -> Optional[ConvGeometry]:
+        """The layer's geometry at ``size`` (default: the current one); raises for a bad size."""
         if self.keywords is None:
             return None
-        key = (self._size, tuple(weight.shape))
+        size = self._size if size is None else size
+        key = (size, tuple(weight.shape))
         geom = self._geoms.get(key)
         if geom is None:
-            geom = self._geoms[key] = conv_geometry(weight, self._size, **self.keywords)
+            geom = self._geoms[key] = conv_geometry(weight, size, **self.keywords)
         return geom
 
     def _apply_m(self, x: torch.Tensor, w: torch.Tensor, geom) -> torch.Tensor:
@@ -121,14 +125,15 @@ class _OperatorSpectralNorm(nn.Module):
     @torch.no_grad()
     def _retarget(self, size: Tuple[int, ...], weight: torch.Tensor) -> None:
         """Vectors for input ``size`` (random, then ``INIT_ITERATIONS`` power steps)."""
-        self._size = tuple(int(n) for n in size)
+        size = tuple(int(n) for n in size)
         w = weight.detach().to(self._u.dtype)
         if self.keywords is None:
             in_shape, out_shape = (w.shape[1],), (w.shape[0],)
         else:
-            geom = self._geometry(weight)
+            geom = self._geometry(weight, size)  # a size the layer cannot take: nothing changed
             in_shape = (geom.layer_in_channels, *geom.layer_input_size)
             out_shape = (geom.layer_out_channels, *geom.layer_output_size)
+        self._size = size
         self.input_size.resize_(len(self._size)).copy_(torch.tensor(self._size))
         # a fixed generator: registering or re-targeting does not draw from the global RNG
         gen = torch.Generator().manual_seed(0)
@@ -173,7 +178,8 @@ class _OperatorSpectralNorm(nn.Module):
         with no_autocast(weight.device):
             w = weight.to(self._u.dtype)
             if self.bound == "certified":
-                sigma = _certified_norm(w, geom) * _rounding_margin(w, geom)
+                # the margin is for the dtype the result is rounded to, not the working one
+                sigma = _certified_norm(w, geom) * _rounding_margin(w, geom, weight.dtype)
                 sigma = sigma.to(w.dtype)
             else:
                 if self.training:
@@ -196,16 +202,20 @@ def _certified_norm(w: torch.Tensor, geom: Optional[ConvGeometry]) -> torch.Tens
     return certified_norm_tensor(w, geom)
 
 
-def _rounding_margin(w: torch.Tensor, geom: Optional[ConvGeometry]) -> float:
-    """``1 + 4 eps (|| |M| ||_2 / ||M||_2 bound)``: covers rounding the bound to ``w``'s dtype
-    and each entry of ``w / sigma`` (relative error ``eps / 2`` each, so the computed weight's
-    operator is within ``eps || |M| ||_2 / sigma`` of the exact quotient's)."""
+def _rounding_margin(w: torch.Tensor, geom: Optional[ConvGeometry],
+                     dtype: torch.dtype) -> float:
+    """``1 + 4 eps (|| |M| ||_2 / ||M||_2 bound)``, ``eps`` that of ``dtype`` (the weight's,
+    which the result is rounded to; ``w`` is the float32-or-better working copy): covers rounding
+    the bound to ``w``'s dtype, each entry of ``w / sigma``, and rounding that to ``dtype``
+    (relative error ``eps / 2`` each, so the computed weight's operator is within
+    ``eps || |M| ||_2 / sigma`` of the exact quotient's)."""
     from .spectrum import abs_operator_bound, certified_norm_tensor
 
     with torch.no_grad():
         ratio = abs_operator_bound(w.detach(), geom) / max(
             float(certified_norm_tensor(w.detach(), geom)), 1e-300)
-    return 1 + 4 * torch.finfo(w.dtype).eps * max(1.0, ratio)
+    eps = max(torch.finfo(w.dtype).eps, torch.finfo(dtype).eps)
+    return 1 + 4 * eps * max(1.0, ratio)
 
 
 def _record_input_size(name: str, module: nn.Module, args, kwargs) -> None:
@@ -241,7 +251,10 @@ def _record_input_size(name: str, module: nn.Module, args, kwargs) -> None:
 # "the original class, the names of its parametrized tensors, and its ``__dict__``": unpickling
 # rebuilds an instance of the original class, re-injects the parametrization's class and
 # properties (the same torch functions ``register_parametrization`` uses), then restores the
-# state. ``deepcopy`` keeps using parametrize's own ``__deepcopy__``.
+# state. ``deepcopy`` does the same: parametrize's own ``__deepcopy__`` gives the copy the
+# *same* run-time class, so ``remove_parametrizations`` on a copy (an EMA model being exported)
+# deleted the ``weight`` property of the original's class too, and the original then failed with
+# "has no attribute 'weight'". Each copy gets its own class, as an unpickled module does.
 
 
 def _reduce_parametrized(self, protocol):
@@ -249,13 +262,37 @@ def _reduce_parametrized(self, protocol):
     return _rebuild_parametrized, (base, tuple(self.parametrizations.keys())), self.__dict__
 
 
+def _deepcopy_parametrized(self, memo):
+    replica = memo.get(id(self))
+    if replica is not None:
+        return replica
+    replica = _rebuild_parametrized(type(self).__bases__[0], tuple(self.parametrizations.keys()))
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    return replica
+
+
+def _own_copies(cls: type) -> None:
+    """Note [pickling parametrized modules]: pickling and ``deepcopy`` rebuild the class."""
+    cls.__reduce_ex__ = _reduce_parametrized
+    if "__deepcopy__" in cls.__dict__:  # parametrize's default (the base class has none)
+        cls.__deepcopy__ = _deepcopy_parametrized
+
+
 def _rebuild_parametrized(base: type, names: Tuple[str, ...]) -> nn.Module:
     obj = base.__new__(base)
     parametrize._inject_new_class(obj)
     for name in names:
         parametrize._inject_property(obj, name)
-    type(obj).__reduce_ex__ = _reduce_parametrized
+    _own_copies(type(obj))
     return obj
+
+
+def _original(module: nn.Module, name: str):
+    """``module.<name>``, or what its parametrizations start from (without evaluating them)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name, None)
 
 
 def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
@@ -288,12 +325,13 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
     odd strides, where the bound counts copied rows; it costs a batch of small matrix
     products over the frequencies per forward.
 
-    Input size: ``input_size`` (spatial, an int or one per axis), or recorded by the first
-    forward pass (a forward pre-hook). In training mode a layer seen at a new size
-    *re-targets*: its vectors are reinitialised for that size (from a fixed seed, then
-    ``INIT_ITERATIONS`` steps), so the weight is normalised for the size it is trained at; in
-    eval mode it is not (no power step runs in eval, and the weight stays normalised for the
-    last training size: the norm of a zero-padded operator changes slightly with the size).
+    Input size (convolutions; ``nn.Linear`` takes none): ``input_size`` (spatial, an int or one
+    per axis), or recorded by the first forward pass (a forward pre-hook). In training mode a
+    layer seen at a new size *re-targets*: its vectors are reinitialised for that size (from a
+    fixed seed, then ``INIT_ITERATIONS`` steps), so the weight is normalised for the size it is
+    trained at; in eval mode it is not (no power step runs in eval, and the weight stays
+    normalised for the last training size: the norm of a zero-padded operator changes slightly
+    with the size).
     Until a size is known, reading ``module.weight`` raises. The computation runs in float32
     or better with autocast off (the vectors stay float32 when the module is cast to
     float16/bfloat16), and the result is cast back to the weight's dtype; it works under
@@ -325,14 +363,18 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
             f"nn.Linear, got {type(module).__name__}")
     if not isinstance(name, str):
         raise ValueError(f"name must be a str, got {type(name).__name__}")
-    if parametrize.is_parametrized(module, name):
-        if any(isinstance(p, _OperatorSpectralNorm) for p in module.parametrizations[name]):
-            raise ValueError(f"{name!r} of this {type(module).__name__} is already normalised")
-        weight = module.parametrizations[name].original  # for validation (shape, dtype)
-    else:
-        weight = getattr(module, name, None)
+    if parametrize.is_parametrized(module, name) and any(
+            isinstance(p, _OperatorSpectralNorm) for p in module.parametrizations[name]):
+        raise ValueError(f"{name!r} of this {type(module).__name__} is already normalised")
+    weight = _original(module, name)  # for validation (shape, dtype)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor {name!r}")
+    kernel = _original(module, "weight")
+    if name != "weight" and (not isinstance(kernel, torch.Tensor) or weight.shape != kernel.shape):
+        raise ValueError(
+            f"{name!r} of this {type(module).__name__} has shape {tuple(weight.shape)}, not that "
+            "of the layer's weight: the operator normalised is the layer's with this tensor as "
+            "its weight")
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"{type(module).__name__} is an uninitialised lazy module: run one "
                          "forward pass first")
@@ -348,6 +390,9 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
         raise ValueError(f"{name!r} has NaN or infinite entries")
     ndim = weight.dim() - 2 if conv else 0
     keywords = module_keywords(module) if conv else None
+    if not conv and input_size is not None and input_size != ():
+        raise ValueError(f"input_size is for convolutions (spatial sizes); nn.Linear has none, got "
+                         f"{input_size!r}")
     size = None
     if conv and input_size is not None:
         # Validates the size against the layer (raises before anything is registered).
@@ -357,7 +402,7 @@ def operator_spectral_norm(module: nn.Module, name: str = "weight", *,
     if size is not None:
         p._retarget(size, weight.detach())
     parametrize.register_parametrization(module, name, p, unsafe=True)
-    type(module).__reduce_ex__ = _reduce_parametrized  # Note [pickling parametrized modules]
+    _own_copies(type(module))  # Note [pickling parametrized modules]
     if conv:
         module.register_forward_pre_hook(functools.partial(_record_input_size, name),
                                          with_kwargs=True)

@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import socket
+import struct
 import sys
 import time
 import zipfile
@@ -208,8 +209,9 @@ def load_checkpoint(path: Path, *, mmap: bool = False) -> Dict:
     except OSError as exc:
         raise RunDirError(f"cannot read {path}: {_os_reason(exc)}") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
-            AttributeError, TypeError) as exc:
-        # Truncated, empty or not a torch.save file at all.
+            AttributeError, TypeError, struct.error) as exc:
+        # Truncated, empty or not a torch.save file at all (struct.error: a legacy-format
+        # opcode whose argument is cut off, as in a 4-byte text file starting with 'j').
         size = path.stat().st_size if path.is_file() else 0
         raise RunDirError(f"{path} is not a readable checkpoint ({size} bytes, truncated or "
                           f"corrupt: {one_line(exc)[:120] or type(exc).__name__})") from None

@@ -243,7 +243,8 @@ class _OperatorSpectralNorm(nn.Module):
                 "registering")
         geom = self._geometry(weight)
         # the dtype the layer will round the weight to: its own, or autocast's if coarser
-        rounded_to = _coarser(weight.dtype, _autocast_dtype(weight.device))
+        rounded_to = (_coarser(weight.dtype, _autocast_dtype(weight.device))
+                      if self.bound == "certified" else weight.dtype)
         with no_autocast(weight.device):
             w = weight.to(self._u.dtype)
             if self.bound == "certified":

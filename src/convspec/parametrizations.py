@@ -249,7 +249,8 @@ class _OperatorSpectralNorm(nn.Module):
             w = weight.to(self._u.dtype)
             if self.bound == "certified":
                 # the margin is for the dtype the result is rounded to, not the working one
-                sigma = _certified_norm(w, geom) * _rounding_margin(w, geom, rounded_to)
+                bound = _certified_norm(w, geom)
+                sigma = bound * _rounding_margin(w, geom, rounded_to, float(bound.detach()))
                 sigma = sigma.to(w.dtype)
             else:
                 if self.training:
@@ -294,17 +295,17 @@ def _certified_norm(w: torch.Tensor, geom: Optional[ConvGeometry]) -> torch.Tens
 
 
 def _rounding_margin(w: torch.Tensor, geom: Optional[ConvGeometry],
-                     dtype: torch.dtype) -> float:
+                     dtype: torch.dtype, bound: float) -> float:
     """``1 + 4 eps (|| |M| ||_2 / ||M||_2 bound)``, ``eps`` that of ``dtype`` (the weight's,
     which the result is rounded to; ``w`` is the float32-or-better working copy): covers rounding
     the bound to ``w``'s dtype, each entry of ``w / sigma``, and rounding that to ``dtype``
     (relative error ``eps / 2`` each, so the computed weight's operator is within
-    ``eps || |M| ||_2 / sigma`` of the exact quotient's)."""
-    from .spectrum import abs_operator_bound, certified_norm_tensor
+    ``eps || |M| ||_2 / sigma`` of the exact quotient's). ``bound``: the certified
+    ``||M||_2`` bound already computed for ``w``."""
+    from .spectrum import abs_operator_bound
 
     with torch.no_grad():
-        ratio = abs_operator_bound(w.detach(), geom) / max(
-            float(certified_norm_tensor(w.detach(), geom)), 1e-300)
+        ratio = abs_operator_bound(w.detach(), geom) / max(bound, 1e-300)
     eps = max(torch.finfo(w.dtype).eps, torch.finfo(dtype).eps)
     return 1 + 4 * eps * max(1.0, ratio)
 

@@ -465,12 +465,12 @@ def one_run(cfg: Guo2NormConfig, phase: str, method: str, rule: str, shape, init
     """One descent of the search (``phase='search'``) or of the evaluation (``'main'``)."""
     res = RunResult(phase, method, rule, list(shape), init, seed)
     weight = tall_kernel(_initial_kernel(shape, init, seed))
-    torch.manual_seed(_run_seed(shape, seed))  # the power-iteration vectors of spectral_penalty
+    run_seed = _run_seed(shape, seed)
+    torch.manual_seed(run_seed)  # the power-iteration vectors of spectral_penalty
     tracker = TargetTracker(weight, cfg.size, sigma_max_target=cfg.sigma_max_target,
                             sigma_min_target=cfg.sigma_min_target,
                             iterations=cfg.gate_iterations,
-                            confirm_iterations=cfg.confirm_iterations,
-                            seed=_run_seed(shape, seed))
+                            confirm_iterations=cfg.confirm_iterations, seed=run_seed)
     main = phase == "main"
     steps = cfg.horizon_of(shape) if main else cfg.search_horizon
     final, res = descend(
